@@ -1,0 +1,184 @@
+"""The Task contract: what a task plugin provides to the engine.
+
+A task is a module ``tasks/<name>.py`` (or any importable ``pkg.module``) that defines ``TASK = MyTask``.
+The module is the registration: there is no global registry and importing it has no side effects.
+
+How the engine uses a task, in order::
+
+    task = TASK(run_cfg, world)                 # run_cfg.task_cfg is an instance of TASK.Config
+    model = task.build_model(ds_config)         # nn.Module; under ZeRO-3 build inside engine.models.zero3_context
+    train = task.build_dataset("train")         # any map-style dataset (len + __getitem__)
+    batch = task.collate(samples, generator)    # dict of tensors, first dim = examples. generator is a seeded
+                                                #   torch.Generator for training-time augmentation, None in eval
+    n = task.num_units(batch)                   # units this batch contributes to the loss (examples or target
+                                                #   tokens), counted BEFORE R-Drop doubles the batch
+    out = task.forward(model, batch)            # TaskOutput; called once on the doubled batch by engine/rdrop.py
+    nll_sum = task.loss(out)                    # SUM over units (never a mean: the engine normalises once)
+    cons = task.consistency(a, b)               # SUM over units; symmetric KL by default, MSE for regression
+    metrics = task.evaluate(ctx, split)         # dict of floats; the default runs eval_step/compute_metrics
+
+The reduction is the engine's, stated once in engine/rdrop.py: sums over units of both copies divided by the
+units of ONE copy over the whole optimizer step (all micro-batches, all ranks).  A task therefore returns sums.
+
+Writing a new task: subclass :class:`Task`, declare ``Config`` (a dataclass; its fields become ``--task.FIELD``
+flags), implement build_model / build_dataset / collate / forward, and either ``eval_step`` + ``compute_metrics``
+or your own ``evaluate``.  Classification tasks need nothing else: loss and consistency default to token/example
+cross-entropy and symmetric KL with ``pad_mask`` honoured.  Set ``regression = True`` for MSE (GLUE STS-B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import ConfigError
+
+
+@dataclass
+class TaskOutput:
+    """What ``Task.forward`` returns.
+
+    logits:   [N, ..., C] class scores, or [N] predictions for regression
+    target:   [N, ...] class ids (or float targets for regression), same leading shape as logits minus C
+    pad_mask: [N, ...] bool, True where a position does not count (padding); None if every position counts
+    """
+    logits: Tensor
+    target: Tensor
+    pad_mask: Tensor | None = None
+
+    def split(self) -> tuple["TaskOutput", "TaskOutput"]:
+        """The two halves of an output computed on a doubled batch ([x; x])."""
+        n = self.logits.shape[0] // 2
+
+        def halves(t):
+            return (None, None) if t is None else (t[:n], t[n:])
+        (la, lb), (ta, tb), (pa, pb) = halves(self.logits), halves(self.target), halves(self.pad_mask)
+        return TaskOutput(la, ta, pa), TaskOutput(lb, tb, pb)
+
+
+@dataclass
+class TaskConfig:
+    """Base for a task's Config.  Override ``validate`` to raise ConfigError with a one-line fix."""
+
+    def validate(self) -> None:
+        pass
+
+
+class Task:
+    Config: type = TaskConfig
+    regression: bool = False            # True: MSE loss and MSE consistency
+    metric: str = "loss"                # key of evaluate()'s dict used to pick the best checkpoint
+    metric_mode: str = "min"            # "max" when larger is better (accuracy, BLEU)
+    default_eval_split: str = "valid"
+    label_smoothing: float = 0.0
+
+    def __init__(self, run_cfg, world: Any = None):
+        self.run_cfg = run_cfg
+        self.cfg = run_cfg.task_cfg
+        self.world = world
+
+    # -- configuration hooks (class methods: used before the task is built) --------------------------------
+    @classmethod
+    def default_overrides(cls) -> dict[str, Any]:
+        """Run-config defaults this task prefers (e.g. {'optim.lr': 5e-4}); recipes and flags override them."""
+        return {}
+
+    @classmethod
+    def recipes(cls) -> dict[str, dict[str, Any]]:
+        """Named sets of overrides, run with --recipe NAME (the paper's settings, for instance)."""
+        return {}
+
+    # -- the contract -----------------------------------------------------------------------------------
+    def build_model(self, ds_config: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def build_dataset(self, split: str):
+        raise NotImplementedError
+
+    def collate(self, samples: list, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> TaskOutput:
+        raise NotImplementedError
+
+    def num_units(self, batch: dict[str, Tensor]) -> int:
+        """Units of one copy of the batch: examples by default; token tasks count non-pad target tokens."""
+        return int(next(iter(batch.values())).shape[0])
+
+    def loss(self, out: TaskOutput) -> Tensor:
+        from engine import rdrop
+        if self.regression:
+            return rdrop.mse_loss(out.logits, out.target, out.pad_mask)
+        return rdrop.nll_loss(out.logits, out.target, out.pad_mask, self.label_smoothing)
+
+    def consistency(self, a: TaskOutput, b: TaskOutput) -> Tensor:
+        from engine import rdrop
+        if self.regression:
+            return rdrop.mse_consistency(a.logits, b.logits, a.pad_mask)
+        return rdrop.symmetric_kl(a.logits, b.logits, a.pad_mask)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def eval_step(self, out: TaskOutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-example results of one eval batch (first dim = examples), gathered in dataset order."""
+        pred = out.logits.float() if self.regression else out.logits.argmax(-1)
+        return {"pred": pred, "target": out.target}
+
+    def compute_metrics(self, results: dict[str, Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, ctx, split: str) -> dict[str, float]:
+        """Default: one ordinary pass over ``split`` sharded over ranks (ctx: engine.trainer.EvalContext)."""
+        return self.compute_metrics(ctx.gather_eval(split))
+
+    def export(self, model: nn.Module, state_dict: dict, out_dir: str) -> None:
+        """Write consolidated weights (rank 0 only).  Default: HF save_pretrained when the model has it."""
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(out_dir, state_dict=state_dict)
+        else:
+            import os
+            from safetensors.torch import save_file
+            os.makedirs(out_dir, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(out_dir, "model.safetensors"))
+
+
+def get_task_class(name: str) -> type[Task]:
+    """``tasks.<name>`` or a dotted path to a module; the module defines ``TASK``."""
+    if not name.replace(".", "").replace("_", "").isalnum():
+        raise ConfigError(f"--task {name!r} is not a module name: use e.g. image_classification or mypkg.mytask")
+    module_name = name if "." in name else f"tasks.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            import pkgutil
+            import tasks
+            known = sorted(m.name for m in pkgutil.iter_modules(tasks.__path__) if not m.name.startswith("_"))
+            raise ConfigError(f"unknown --task {name!r}: choose one of {', '.join(known)} "
+                              "or give a dotted module path that defines TASK") from None
+        raise
+    task = getattr(module, "TASK", None)
+    if not (isinstance(task, type) and issubclass(task, Task)):
+        raise ConfigError(f"module {module_name} has no TASK = <Task subclass>: define it to register the task")
+    if not dataclasses.is_dataclass(task.Config):
+        raise ConfigError(f"{module_name}.TASK.Config must be a dataclass")
+    return task
+
+
+def model_has_active_dropout(model: nn.Module) -> bool:
+    """True when some dropout in the model is active in train mode (modules or HF config probabilities)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            for k, v in cfg.to_dict().items():
+                if "dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                    return True
+    return False
+
+
+Collate = Callable[[list], dict]

@@ -1,0 +1,85 @@
+"""Entry point: ``python -m engine.train --task NAME --output_dir DIR --ds_config PATH [--section.field VALUE ...]``.
+
+parse -> guard the output dir -> init the process group -> build -> train -> export -> close, always closing.
+Bad input exits 2 with one line on stderr (rank 0 only); anything else exits 1 with the traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _fail(msg: str, code: int) -> int:
+    from engine.distributed import env_rank
+    if env_rank() == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def guard_output_dir(cfg) -> None:
+    """Never write into an existing run unless asked to continue it."""
+    from engine.config import ConfigError
+    d = cfg.output_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ConfigError(f"--output_dir {d} is a file: choose a directory path")
+    if os.path.isdir(d) and os.listdir(d) and not cfg.resume:
+        raise ConfigError(f"--output_dir {d} already holds a run: pass --resume auto to continue it, "
+                          "or choose a new --output_dir")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from engine.config import ConfigError, help_text, parse_args
+    if "-h" in argv or "--help" in argv:
+        task_cls = None
+        if "--task" in argv and argv.index("--task") + 1 < len(argv):
+            from engine.task import get_task_class
+            try:
+                task_cls = get_task_class(argv[argv.index("--task") + 1]).Config
+            except ConfigError:
+                pass
+        print(help_text(task_cls))
+        return 0
+    try:
+        cfg = parse_args(argv)
+        guard_output_dir(cfg)
+    except ConfigError as e:
+        return _fail(str(e), 2)
+
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # what DeepSpeed detects anyway, minus its warning
+    from engine import distributed as dist_utils
+    from engine.trainer import Trainer
+    dist_utils.set_threads(cfg.dist.omp_threads)
+    world, trainer, code = None, None, 1
+    try:
+        world = dist_utils.init(cfg.dist.timeout_s)
+        trainer = Trainer(cfg, world)
+        trainer.setup()
+        metrics = trainer.fit()
+        trainer.export()
+        if world.is_main:
+            tb = os.path.join(cfg.output_dir, "tensorboard")
+            shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"[engine] done: {shown}", flush=True)
+            print(f"[engine] metrics: {os.path.join(cfg.output_dir, 'metrics.jsonl')}", flush=True)
+            if os.path.isdir(tb):
+                print(f"[engine] TensorBoard logs: {tb}\n[engine] open them with: tensorboard --logdir {tb}",
+                      flush=True)
+        code = 0
+    except ConfigError as e:
+        code = _fail(str(e), 2)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        # On failure skip the final barrier: a crashed peer would leave it waiting for the timeout.
+        if trainer is not None:
+            trainer.close(clean=code == 0)
+        elif world is not None:
+            dist_utils.shutdown(world, clean=False)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

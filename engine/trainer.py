@@ -1,0 +1,280 @@
+"""The trainer: the one deepspeed.initialize, the micro-step loop, evaluation, checkpoints.  Read top to bottom.
+
+Per optimizer step every rank takes its ``grad_accum`` micro-batches, counts their units (one copy, before R-Drop
+doubles anything), and one all-reduce gives the units of the whole step.  Each micro-batch's SUMMED loss is then
+scaled by ``accum * world / units`` before ``engine.backward``: DeepSpeed divides by ``accum`` and averages over
+ranks, so the gradient is exactly d(sum of all losses)/(units of one copy) -- the reduction stated in
+engine/rdrop.py -- whatever the accumulation and world size.  DeepSpeed owns accumulation (engine.step() is called
+every micro-step and only updates at the boundary).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import deepspeed
+import torch
+
+from engine import checkpoint, data, ds_config as dsc, schedules
+from engine import distributed as dist_utils
+from engine.config import ConfigError, RunConfig, dumps
+from engine.monitor import Monitor
+from engine.rdrop import rdrop_loss
+from engine.task import get_task_class, model_has_active_dropout
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not optim_cfg.no_decay_bias_norm or optim_cfg.weight_decay == 0:
+        return [{"params": [p for _, p in params]}]
+    no_decay = [p for n, p in params if p.dim() < 2 or "norm" in n.lower()]
+    decay = [p for n, p in params if not (p.dim() < 2 or "norm" in n.lower())]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EvalContext:
+    """What Task.evaluate gets: the engine (call it like the model), batching and cross-rank gathering."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.task = trainer.task
+        self.world = trainer.world
+        self.model = trainer.engine
+        self.device = trainer.world.device
+
+    def dataset(self, split: str):
+        return self.trainer.dataset(split)
+
+    def batches(self, split: str):
+        """This rank's eval batches (on device) and how many of the split's examples exist."""
+        ds = self.dataset(split)
+        specs, _ = data.eval_specs(len(ds), self.trainer.cfg.eval.batch_size, self.world.world_size,
+                                   self.world.rank)
+        collate = lambda spec: self.task.collate([ds[i] for i in spec.indices], None)  # noqa: E731
+        for batch in data.loader(specs, collate, self.trainer.cfg.train.num_workers):
+            yield to_device(batch, self.device)
+
+    def gather(self, local: dict[str, list], n: int) -> dict[str, torch.Tensor]:
+        """Interleave per-rank results (rank r holds examples r, r+W, ...) back into dataset order, first n."""
+        cat = {k: torch.cat(v) if v else torch.empty(0) for k, v in local.items()}
+        if self.world.world_size == 1:
+            return {k: v[:n] for k, v in cat.items()}
+        parts = [None] * self.world.world_size
+        torch.distributed.all_gather_object(parts, cat)
+        out = {}
+        for k in cat:
+            stacked = torch.stack([p[k] for p in parts], dim=1)  # [per_rank, W, ...]
+            out[k] = stacked.reshape(-1, *stacked.shape[2:])[:n]
+        return out
+
+    @torch.no_grad()
+    def gather_eval(self, split: str) -> dict[str, torch.Tensor]:
+        """One ordinary pass (no R-Drop) over ``split``: Task.eval_step per batch, gathered in dataset order."""
+        local: dict[str, list] = {}
+        for batch in self.batches(split):
+            out = self.task.forward(self.model, batch)
+            for k, v in self.task.eval_step(out, batch).items():
+                local.setdefault(k, []).append(v.detach().float().cpu() if v.is_floating_point() else v.cpu())
+        return self.gather(local, len(self.dataset(split)))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, world: dist_utils.World):
+        self.cfg, self.world = cfg, world
+        self.task = get_task_class(cfg.task)(cfg, world)
+        self.engine = None
+        self._datasets: dict = {}
+        self.best = None
+        self.start_step = 0
+        self.final_metrics: dict = {}
+
+    def dataset(self, split: str):
+        if split not in self._datasets:
+            self._datasets[split] = self.task.build_dataset(split)
+        return self._datasets[split]
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, world = self.cfg, self.world
+        on_cpu = world.device.type == "cpu"
+        self.ds = dsc.resolve(dsc.load(cfg.ds_config), cfg, world.world_size, cfg.ds_config, on_cpu)
+        self.eval_split = cfg.eval.split or self.task.default_eval_split
+
+        dist_utils.seed_everything(cfg.seed)            # identical initial weights on every rank
+        model = self.task.build_model(self.ds)
+        if cfg.rdrop.mode == "rdrop" and cfg.rdrop.alpha > 0 and not model_has_active_dropout(model):
+            raise ConfigError(f"--rdrop.alpha {cfg.rdrop.alpha} but the model has no active dropout, so the two "
+                              "passes agree and R-Drop does nothing: set the task's dropout > 0 or --rdrop.mode none")
+        self.batches = data.TrainBatches(self.task, self.dataset("train"), cfg.train.micro_batch_size,
+                                         cfg.train.grad_accum, world.world_size, world.rank, cfg.seed)
+        self.total_steps = cfg.train.max_steps or self.batches.steps_per_epoch * cfg.train.max_epochs
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim), config=self.ds,
+            lr_scheduler=schedules.build(cfg.optim, self.total_steps))
+        self.stage = dsc.zero_stage(self.ds)
+        dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed, world.rank))  # dropout differs per rank
+
+        self.resolved = {**cfg.to_dict(), "ds_config_resolved": self.ds, "world_size": world.world_size,
+                         "total_steps": self.total_steps}
+        self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        found = checkpoint.find(cfg.resume, cfg.output_dir) if cfg.resume else None
+        if found is not None:
+            client = checkpoint.load(self.engine, *found, world)
+            self.start_step = int(client["step"])
+            self.best = client.get("best")
+            if client.get("world_size") != world.world_size:
+                dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
+            if world.is_main:
+                print(f"[engine] resumed from {os.path.join(*found)} at step {self.start_step}", flush=True)
+        if world.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                f.write(dumps(self.resolved))
+        self.monitor = Monitor(cfg.output_dir, self.engine, world.is_main, self.total_steps, self.start_step,
+                               cfg.log.progress)
+
+    # ------------------------------------------------------------------------------------------- train
+    def alpha(self) -> float:
+        r = self.cfg.rdrop
+        if r.alpha_schedule == "linear_with_lr":
+            return r.alpha * self.current_lr() / self.cfg.optim.lr
+        return r.alpha
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def _grad_norm_stage0(self) -> float:
+        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in self.engine.module.parameters()
+                 if p.grad is not None)
+        return math.sqrt(sq)
+
+    def micro_batches(self, step: int):
+        """Yields (step, [accum collated micro-batches]) from ``step`` on, through a DataLoader if workers > 0."""
+        accum = self.cfg.train.grad_accum
+        b = self.batches
+
+        class Specs(torch.utils.data.Dataset):
+            def __len__(self_):
+                return (self.total_steps - step) * accum
+
+            def __getitem__(self_, i):
+                s, j = divmod(i, accum)
+                return b.step_specs(step + s)[j]
+
+        group = []
+        for batch in data.loader(Specs(), b.collate, self.cfg.train.num_workers):
+            group.append(batch)
+            if len(group) == accum:
+                yield group
+                group = []
+
+    def fit(self) -> dict:
+        cfg, world, engine, task = self.cfg, self.world, self.engine, self.task
+        mode, accum = cfg.rdrop.mode, cfg.train.grad_accum
+        log_every, eval_every, save_every = cfg.log.every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps
+        sums = [0.0] * 6   # loss, nll, consistency, units (one copy), samples (one copy), copies*units
+        t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
+        engine.train()
+        for group in self.micro_batches(self.start_step):
+            local_units = float(sum(task.num_units(b) for b in group))
+            total_units = dist_utils.all_reduce_sum([local_units], world)[0]
+            scale = accum * world.world_size / max(total_units, 1.0)
+            alpha = self.alpha()
+            for j, batch in enumerate(group):
+                batch = to_device(batch, world.device)
+                out = rdrop_loss(task, engine, batch, mode, alpha)
+                engine.backward(out.loss * scale)
+                last = j == accum - 1
+                if last and self.stage == 0 and log_every and (step + 1) % log_every == 0:
+                    grad_norm = self._grad_norm_stage0()
+                engine.step()
+                sums[0] += float(out.loss.detach())
+                sums[1] += float(out.nll)
+                sums[2] += float(out.consistency)
+                sums[4] += float(next(iter(batch.values())).shape[0])
+                sums[5] += float(task.num_units(batch)) * out.copies
+            sums[3] += local_units
+            step += 1
+            self.monitor.advance()
+            if log_every and step % log_every == 0:
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else grad_norm
+                loss, nll, cons, units, samples, copy_units = dist_utils.all_reduce_sum(sums, world)
+                elapsed = time.perf_counter() - t_last
+                self.monitor.log("train", step, {
+                    "loss": loss / units, "nll": nll / copy_units, "consistency": cons / units, "alpha": alpha,
+                    "lr": self.current_lr(), "grad_norm": grad_norm, "samples_per_sec": samples / elapsed,
+                    "units_per_sec": units / elapsed})
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}: lower --optim.lr or set "
+                                             "--optim.clip_grad (e.g. 1.0)")
+                sums, t_last = [0.0] * 6, time.perf_counter()
+            is_last = step >= self.total_steps
+            if (eval_every and step % eval_every == 0) or is_last:
+                self.evaluate(step)
+            if (save_every and step % save_every == 0) or is_last:
+                self.save(step)
+        if self.start_step >= self.total_steps:        # resumed a finished run: evaluate what is there
+            self.evaluate(step)
+        return self.final_metrics
+
+    # ------------------------------------------------------------------------------------------- eval / save
+    def evaluate(self, step: int) -> dict:
+        self.engine.eval()
+        try:
+            metrics = self.task.evaluate(EvalContext(self), self.eval_split)
+        finally:
+            self.engine.train()
+        self.monitor.log("eval", step, metrics)
+        self.final_metrics = {"step": step, "split": self.eval_split, **metrics}
+        value = metrics.get(self.task.metric)
+        if value is not None and self.cfg.checkpoint.save_best:
+            better = self.best is None or (value > self.best if self.task.metric_mode == "max" else value < self.best)
+            if better:
+                self.best = value
+                self._save_tag("best", step)
+        return metrics
+
+    def _client_state(self, step: int) -> dict:
+        return {"step": step, "micro_step": step * self.cfg.train.grad_accum, "best": self.best,
+                "world_size": self.world.world_size, "data": {"epoch": step // self.batches.steps_per_epoch,
+                                                              "step_in_epoch": step % self.batches.steps_per_epoch},
+                "config": self.resolved}
+
+    def _save_tag(self, tag: str, step: int) -> str:
+        return checkpoint.save(self.engine, self.ckpt_root, tag, self._client_state(step), self.world,
+                               self.resolved, self.cfg.checkpoint.keep_last)
+
+    def save(self, step: int) -> None:
+        self._save_tag(f"global_step{step}", step)
+        self.last_tag = f"global_step{step}"
+
+    def export(self) -> str | None:
+        """Consolidated fp32 weights in HF save_pretrained format (DIR/hf_model), from the last checkpoint."""
+        if not self.cfg.checkpoint.export_hf or not hasattr(self, "last_tag"):
+            return None
+        out = os.path.join(self.cfg.output_dir, "hf_model")
+        if self.world.is_main:
+            if self.stage >= 1:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                sd = get_fp32_state_dict_from_zero_checkpoint(self.ckpt_root, tag=self.last_tag)
+            else:
+                sd = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+            self.task.export(self.engine.module, sd, out)
+        dist_utils.barrier()
+        return out
+
+    def close(self, clean: bool = True) -> None:
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.close()
+        engine, self.engine, self.optimizer, self.scheduler = self.engine, None, None, None
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine
+        dist_utils.shutdown(self.world, clean)
