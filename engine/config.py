@@ -28,6 +28,8 @@ class TrainConfig:
     micro_batch_size: int = 32    # examples per rank per micro-step, BEFORE R-Drop doubles them
     grad_accum: int = 1           # micro-steps per optimizer step (DeepSpeed owns the accumulation)
     num_workers: int = 0          # DataLoader workers per rank; batches are deterministic whatever this is
+    stop_at_step: int = 0         # leave after this step (checkpoint saved) as a preempted job would; the schedule
+                                  # still runs to max_steps, and --resume auto continues; 0 = run to the end
 
 
 @dataclass
@@ -289,7 +291,8 @@ def validate(cfg: RunConfig) -> None:
                     ("optim.weight_decay", cfg.optim.weight_decay), ("eval.every_steps", cfg.eval.every_steps),
                     ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                     ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps),
-                    ("train.num_workers", cfg.train.num_workers), ("dist.omp_threads", cfg.dist.omp_threads)]
+                    ("train.num_workers", cfg.train.num_workers), ("dist.omp_threads", cfg.dist.omp_threads),
+                    ("train.stop_at_step", cfg.train.stop_at_step)]
     for flag, val in non_negative:
         if val < 0:
             raise ConfigError(f"--{flag} must be >= 0, got {val}")

@@ -4,7 +4,7 @@ Optimizer step k of epoch e takes global batch ``perm_e[k*G:(k+1)*G]`` (G = micr
 permutation seeded by (seed, e)); micro-step j of rank r takes the slice ``(j * world + r) * micro``.  So one rank
 with accumulation 2 and two ranks with accumulation 1 see the same examples per optimizer step, and a resumed run
 sees exactly what the uninterrupted run would have seen.  Augmentation gets a torch.Generator seeded by
-(seed, step, micro-step, rank), so it is reproducible whatever the number of DataLoader workers.
+(seed, step, chunk), so it is reproducible whatever the number of DataLoader workers.
 
 Tasks that batch by tokens (translation) provide ``batch_indices(epoch, seed)``: a list of index lists (one per
 micro-batch, before sharding); the same deal-out over ranks and micro-steps applies.
@@ -61,8 +61,10 @@ class TrainBatches:
             perm = self._epoch_perm(epoch)
             start = k * self.micro * per_step
             chunks = [perm[start + c * self.micro:start + (c + 1) * self.micro] for c in range(per_step)]
-        return [BatchSpec(tuple(chunks[j * self.world_size + self.rank]),
-                          hash((self.seed, step, j, self.rank)) % (2 ** 62)) for j in range(self.accum)]
+        # chunk c = j * world + rank; its augmentation seed depends on c, not on (j, rank), so every layout of
+        # the same global batch (1 rank x accum 2, 2 ranks x accum 1) augments each example identically
+        return [BatchSpec(tuple(chunks[c]), hash((self.seed, step, c)) % (2 ** 62))
+                for c in (j * self.world_size + self.rank for j in range(self.accum))]
 
     _cache: tuple = (None, None)
 
@@ -89,5 +91,8 @@ def eval_specs(n: int, batch_size: int, world_size: int, rank: int) -> tuple[lis
 
 def loader(specs, collate, num_workers: int):
     """Batches for ``specs`` through a DataLoader (workers optional; order is the specs' order)."""
+    # An own generator: creating the iterator would otherwise draw from the global torch RNG and shift the
+    # dropout stream, so a resumed run (or one that evaluated at another step) would diverge.
     return torch.utils.data.DataLoader(specs, batch_size=None, shuffle=False, collate_fn=collate,
-                                       num_workers=num_workers, persistent_workers=False)
+                                       num_workers=num_workers, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(0))

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     world, trainer, code = None, None, 1
     try:
         world = dist_utils.init(cfg.dist.timeout_s)
+        import socket
+        print(f"[engine] rank {world.rank}/{world.world_size} local_rank {world.local_rank} "
+              f"node_rank {os.environ.get('CROSS_RANK') or os.environ.get('GROUP_RANK') or os.environ.get('NODE_RANK', '0')} "
+              f"host {socket.gethostname()} pid {os.getpid()} backend {world.backend}", flush=True)
         trainer = Trainer(cfg, world)
         trainer.setup()
         metrics = trainer.fit()

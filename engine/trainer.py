@@ -32,9 +32,10 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not optim_cfg.no_decay_bias_norm or optim_cfg.weight_decay == 0:
         return [{"params": [p for _, p in params]}]
-    no_decay = [p for n, p in params if p.dim() < 2 or "norm" in n.lower()]
-    decay = [p for n, p in params if not (p.dim() < 2 or "norm" in n.lower())]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def exempt(name, p):   # biases and norm weights; ZeRO-3 partitioned params keep their shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) < 2 or "norm" in name.lower()
+    return [{"params": [p for n, p in params if not exempt(n, p)]},
+            {"params": [p for n, p in params if exempt(n, p)], "weight_decay": 0.0}]
 
 
 class EvalContext:
@@ -216,10 +217,17 @@ class Trainer:
                                              "--optim.clip_grad (e.g. 1.0)")
                 sums, t_last = [0.0] * 6, time.perf_counter()
             is_last = step >= self.total_steps
+            stop = step == cfg.train.stop_at_step
             if (eval_every and step % eval_every == 0) or is_last:
                 self.evaluate(step)
-            if (save_every and step % save_every == 0) or is_last:
+            if (save_every and step % save_every == 0) or is_last or stop:
                 self.save(step)
+            if stop and not is_last:
+                if world.is_main:
+                    print(f"[engine] stopped at step {step} (--train.stop_at_step); continue with --resume auto",
+                          flush=True)
+                self.stopped_early = True
+                break
         if self.start_step >= self.total_steps:        # resumed a finished run: evaluate what is there
             self.evaluate(step)
         return self.final_metrics
@@ -257,7 +265,7 @@ class Trainer:
 
     def export(self) -> str | None:
         """Consolidated fp32 weights in HF save_pretrained format (DIR/hf_model), from the last checkpoint."""
-        if not self.cfg.checkpoint.export_hf or not hasattr(self, "last_tag"):
+        if not self.cfg.checkpoint.export_hf or not hasattr(self, "last_tag") or getattr(self, "stopped_early", 0):
             return None
         out = os.path.join(self.cfg.output_dir, "hf_model")
         if self.world.is_main:

@@ -43,6 +43,7 @@ class Config(TaskConfig):
     augment: bool = True          # random crop (+ flip) on training batches
     hflip: str = "auto"           # auto (on, except digits) | true | false
     max_train_examples: int = 0   # use only the first N training examples (0 = all)
+    max_eval_examples: int = 0    # evaluate on the first N examples of the eval split (0 = all)
 
     def validate(self) -> None:
         if self.model not in PRESETS:
@@ -195,9 +196,10 @@ class ImageClassification(Task):
             except Exception as e:  # offline, unknown name, missing split
                 raise ConfigError(f"could not load HF dataset {c.dataset!r} split {name!r} ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:160]}): go online once, or use --task.data_dir") from None
-        if split == "train" and c.max_train_examples:
-            ds = ImageSet(ds.images[:c.max_train_examples] if isinstance(ds.images, np.ndarray)
-                          else _Head(ds.images, c.max_train_examples), ds.labels[:c.max_train_examples], ds.decode)
+        limit = c.max_train_examples if split == "train" else c.max_eval_examples
+        if limit and limit < len(ds):
+            ds = ImageSet(ds.images[:limit] if isinstance(ds.images, np.ndarray) else _Head(ds.images, limit),
+                          ds.labels[:limit], ds.decode)
         if len(ds) == 0:
             raise ConfigError(f"the {name} split is empty: point --task.data_dir at data with images")
         self._splits[name] = ds

@@ -1,0 +1,179 @@
+"""End-to-end runs of the real entry point with real ranks (gloo), real DeepSpeed engines and real data."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import DATA, TINY, load_weights, metrics, run
+
+pytestmark = pytest.mark.dist
+
+STAGE_CONFIGS = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
+_losses: dict[str, list[float]] = {}
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_two_ranks_every_zero_stage_and_offload(tmp_path, name):
+    out = tmp_path / name
+    # the offload run uses the default fused optimizer: DeepSpeedCPUAdam (a real JIT-built op)
+    impl = ["--optim.impl", "fused"] if name == "zero2_offload" else []
+    proc = run([*TINY, *impl, "--output_dir", str(out), "--ds_config", f"ds_configs/{name}.json",
+                "--train.max_steps", "6", "--train.micro_batch_size", "8", "--eval.batch_size", "90",
+                "--task.max_eval_examples", "180"], nproc=2, launcher="deepspeed")
+    for r in (0, 1):
+        assert f"rank {r}/2" in proc.stdout
+    train = metrics(out)
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) and r["consistency"] > 0 for r in train)
+    assert all(r["grad_norm"] > 0 for r in train)
+    ev = metrics(out, "eval")
+    assert ev and 0.0 <= ev[-1]["accuracy"] <= 1.0
+    assert (out / "checkpoints" / "global_step6").is_dir() and (out / "checkpoints" / "latest").read_text() == \
+        "global_step6"
+    weights = load_weights(out)
+    assert weights["classifier.weight"].shape == (10, 32) and weights["classifier.weight"].dtype == torch.float32
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    _losses[name] = [r["loss"] for r in train]
+
+
+def test_zero_stages_train_identically():
+    """fp32 ZeRO 0-3 (and offload) are the same optimisation: the loss curves agree to float precision."""
+    have = {k: v for k, v in _losses.items()}
+    if len(have) < 2:
+        pytest.fail("the per-stage runs above did not all complete")
+    ref = have["zero0"]
+    for name, losses in have.items():
+        assert losses == pytest.approx(ref, rel=1e-4, abs=1e-5), name
+
+
+def _equivalence_args(out, accum):
+    return [*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json", "--train.max_steps", "4",
+            "--train.micro_batch_size", "8", "--train.grad_accum", str(accum), "--task.dropout", "0",
+            "--rdrop.mode", "duplicate", "--eval.batch_size", "90", "--task.max_eval_examples", "90"]
+
+
+def test_accumulation_equals_data_parallel(tmp_path):
+    """1 rank x accumulation 2 and 2 ranks x accumulation 1 take the same steps (dropout off)."""
+    run(_equivalence_args(tmp_path / "acc", 2), nproc=1, launcher="deepspeed")
+    run(_equivalence_args(tmp_path / "dp", 1), nproc=2, launcher="deepspeed")
+    a, b = load_weights(tmp_path / "acc"), load_weights(tmp_path / "dp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    la, lb = metrics(tmp_path / "acc"), metrics(tmp_path / "dp")
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+
+
+def test_reduction_is_sum_over_both_copies_over_units_of_one_copy(tmp_path):
+    """One SGD step with accumulation 2 moves the weights by lr * grad(sum of losses of both copies of both
+    micro-batches / examples of one copy), computed here by hand in plain PyTorch."""
+    lr = 0.5
+    out = tmp_path / "sgd"
+    args = [*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero0.json", "--train.max_steps", "1",
+            "--train.micro_batch_size", "6", "--train.grad_accum", "2", "--task.dropout", "0",
+            "--rdrop.mode", "duplicate", "--optim.name", "sgd", "--optim.momentum", "0", "--optim.lr", str(lr),
+            "--optim.weight_decay", "0", "--optim.schedule", "constant", "--optim.warmup_steps", "0",
+            "--task.max_eval_examples", "10", "--seed", "7"]
+    run(args, nproc=1)
+    from engine import data
+    from engine import distributed as du
+    from engine.config import parse_args
+    from engine.ds_config import load, resolve
+    from engine.task import get_task_class
+    cfg = parse_args(args)
+    task = get_task_class(cfg.task)(cfg)
+    ds = resolve(load("ds_configs/zero0.json"), cfg, 1, "zero0", True)
+    du.seed_everything(cfg.seed)
+    model = task.build_model(ds)
+    batches = data.TrainBatches(task, task.build_dataset("train"), 6, 2, 1, 0, cfg.seed)
+    micro = [batches.collate(s) for s in batches.step_specs(0)]
+    total = 0
+    for b in micro:
+        logits = model(pixel_values=torch.cat([b["pixel_values"]] * 2)).logits
+        total = total + torch.nn.functional.cross_entropy(logits, torch.cat([b["labels"]] * 2), reduction="sum")
+    (total / 12).backward()      # 12 = examples of ONE copy over both micro-batches
+    expected = {n: (p - lr * p.grad).detach() for n, p in model.named_parameters()}
+    from transformers import ViTForImageClassification
+    got = dict(ViTForImageClassification.from_pretrained(str(out / "hf_model")).named_parameters())
+    for n, w in expected.items():
+        torch.testing.assert_close(got[n], w, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Stop after step 5 (checkpoint), --resume auto to the end: losses and weights equal the straight run."""
+    common = [*TINY, "--ds_config", "ds_configs/zero2.json", "--train.max_steps", "10",
+              "--train.micro_batch_size", "8", "--checkpoint.every_steps", "4", "--task.max_eval_examples", "90",
+              "--rdrop.alpha", "1.0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run([*common, "--output_dir", str(full)], nproc=2, launcher="deepspeed")
+    first = run([*common, "--output_dir", str(part), "--train.stop_at_step", "5"], nproc=2, launcher="deepspeed")
+    assert "stopped at step 5" in first.stdout
+    assert (part / "checkpoints" / "latest").read_text() == "global_step5"
+    second = run([*common, "--output_dir", str(part), "--resume", "auto"], nproc=2, launcher="deepspeed")
+    assert "resumed from" in second.stdout and "at step 5" in second.stdout
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 11))              # one record per step, nothing doubled
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["consistency"] == rb["consistency"], (ra, rb)
+    wa, wb = load_weights(full), load_weights(part)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # the resolved config travels with every checkpoint
+    import json
+    cfg = json.loads((part / "checkpoints" / "global_step5" / "config.json").read_text())
+    assert cfg["ds_config_resolved"]["gradient_clipping"] == 0.0 and cfg["train"]["max_steps"] == 10
+
+
+def test_tensorboard_tags_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    run([*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero1.json", "--train.max_steps", "4",
+         "--train.micro_batch_size", "8", "--eval.every_steps", "2", "--task.max_eval_examples", "90"],
+        nproc=2, launcher="torchrun")
+    runs = list((out / "tensorboard").glob("*"))
+    assert runs, "no TensorBoard run directory"
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"Train/loss", "Train/nll", "Train/consistency", "Train/lr", "Train/grad_norm", "Train/samples_per_sec",
+            "Train/units_per_sec", "Eval/accuracy", "Eval/loss", "Train/Samples/lr"}
+    assert want <= tags, want - tags
+    losses = acc.Scalars("Train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4]
+    jsonl = [r["loss"] for r in metrics(out)]
+    assert [e.value for e in losses] == pytest.approx(jsonl, rel=1e-6)
+    assert [e.step for e in acc.Scalars("Eval/accuracy")] == [2, 4]
+
+
+def test_no_launcher_world_of_one_and_bf16(tmp_path):
+    out = tmp_path / "single"
+    proc = run([*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero2_bf16.json", "--train.max_steps",
+                "3", "--train.micro_batch_size", "8", "--task.max_eval_examples", "50"], nproc=1, launcher="python")
+    assert "rank 0/1" in proc.stdout
+    assert len(metrics(out)) == 3 and "accuracy" in metrics(out, "eval")[-1]
+
+
+def test_fused_adam_default_optimizer(tmp_path):
+    """The default optimizer path: DeepSpeed's FusedAdam (a JIT-built CPU op here)."""
+    out = tmp_path / "fused"
+    args = [a for a in TINY if a not in ("--optim.impl", "torch")]
+    proc = run([*args, "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json", "--train.max_steps", "3",
+                "--train.micro_batch_size", "8", "--task.max_eval_examples", "50"], nproc=2, launcher="deepspeed")
+    assert len(metrics(out)) == 3
+    import json
+    assert json.loads((out / "config.json").read_text())["ds_config_resolved"]["optimizer"]["params"][
+        "torch_adam"] is False
+    assert "rank 1/2" in proc.stdout
+
+
+def test_cifar10_parquet_from_shared_data(tmp_path):
+    out = tmp_path / "cifar"
+    run([*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json", "--task.data_dir",
+         str(DATA / "cifar10"), "--task.image_size", "32", "--train.max_steps", "3", "--train.micro_batch_size", "8",
+         "--task.max_train_examples", "512", "--task.max_eval_examples", "64"], nproc=2, launcher="deepspeed",
+        HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
+    assert len(metrics(out)) == 3
+    import json
+    cfg = json.loads((out / "hf_model" / "config.json").read_text())
+    assert cfg["num_channels"] == 3 and cfg["image_size"] == 32 and len(cfg["id2label"]) == 10
