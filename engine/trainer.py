@@ -175,32 +175,41 @@ class Trainer:
                 yield group
                 group = []
 
+    def train_step(self, group: list[dict], alpha: float, want_norm: bool = False):
+        """One optimizer step over this rank's ``accum`` micro-batches.  Returns the step's local sums
+        [loss, nll, consistency, units, samples, units x copies] and, if asked on ZeRO-0, the grad norm."""
+        task, engine, world = self.task, self.engine, self.world
+        accum = len(group)
+        local_units = float(sum(task.num_units(b) for b in group))
+        total_units = dist_utils.all_reduce_sum([local_units], world)[0]
+        scale = accum * world.world_size / max(total_units, 1.0)
+        sums, norm = [0.0, 0.0, 0.0, local_units, 0.0, 0.0], None
+        for j, batch in enumerate(group):
+            batch = to_device(batch, world.device)
+            out = rdrop_loss(task, engine, batch, self.cfg.rdrop.mode, alpha)
+            engine.backward(out.loss * scale)
+            if want_norm and j == accum - 1:    # ZeRO-0 keeps no norm of its own; grads are reduced by now
+                norm = self._grad_norm_stage0()
+            engine.step()
+            sums[0] += float(out.loss.detach())
+            sums[1] += float(out.nll)
+            sums[2] += float(out.consistency)
+            sums[4] += float(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
+            sums[5] += float(task.num_units(batch)) * out.copies
+        return sums, norm
+
     def fit(self) -> dict:
-        cfg, world, engine, task = self.cfg, self.world, self.engine, self.task
-        mode, accum = cfg.rdrop.mode, cfg.train.grad_accum
+        cfg, world, engine = self.cfg, self.world, self.engine
         log_every, eval_every, save_every = cfg.log.every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps
         sums = [0.0] * 6   # loss, nll, consistency, units (one copy), samples (one copy), copies*units
         t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
         engine.train()
         for group in self.micro_batches(self.start_step):
-            local_units = float(sum(task.num_units(b) for b in group))
-            total_units = dist_utils.all_reduce_sum([local_units], world)[0]
-            scale = accum * world.world_size / max(total_units, 1.0)
-            alpha = self.alpha()
-            for j, batch in enumerate(group):
-                batch = to_device(batch, world.device)
-                out = rdrop_loss(task, engine, batch, mode, alpha)
-                engine.backward(out.loss * scale)
-                last = j == accum - 1
-                if last and self.stage == 0 and log_every and (step + 1) % log_every == 0:
-                    grad_norm = self._grad_norm_stage0()
-                engine.step()
-                sums[0] += float(out.loss.detach())
-                sums[1] += float(out.nll)
-                sums[2] += float(out.consistency)
-                sums[4] += float(next(iter(batch.values())).shape[0])
-                sums[5] += float(task.num_units(batch)) * out.copies
-            sums[3] += local_units
+            want_norm = self.stage == 0 and log_every and (step + 1) % log_every == 0
+            alpha, lr = self.alpha(), self.current_lr()      # what this step uses (the scheduler steps inside)
+            step_sums, norm0 = self.train_step(group, alpha, want_norm)
+            sums = [a + b for a, b in zip(sums, step_sums)]
+            grad_norm = norm0 if norm0 is not None else grad_norm
             step += 1
             self.monitor.advance()
             if log_every and step % log_every == 0:
@@ -210,7 +219,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t_last
                 self.monitor.log("train", step, {
                     "loss": loss / units, "nll": nll / copy_units, "consistency": cons / units, "alpha": alpha,
-                    "lr": self.current_lr(), "grad_norm": grad_norm, "samples_per_sec": samples / elapsed,
+                    "lr": lr, "grad_norm": grad_norm, "samples_per_sec": samples / elapsed,
                     "units_per_sec": units / elapsed})
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}: lower --optim.lr or set "
