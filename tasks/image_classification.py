@@ -196,10 +196,15 @@ class ImageClassification(Task):
             except Exception as e:  # offline, unknown name, missing split
                 raise ConfigError(f"could not load HF dataset {c.dataset!r} split {name!r} ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:160]}): go online once, or use --task.data_dir") from None
+        if split == "train":
+            self._num_labels = int(np.max(ds.labels)) + 1 if len(ds) else 0
+            if len(ds) and np.min(ds.labels) < 0:
+                raise ConfigError(f"the {name} split has negative labels: labels must be class ids 0..C-1")
         limit = c.max_train_examples if split == "train" else c.max_eval_examples
         if limit and limit < len(ds):
-            ds = ImageSet(ds.images[:limit] if isinstance(ds.images, np.ndarray) else _Head(ds.images, limit),
-                          ds.labels[:limit], ds.decode)
+            # a seeded random subset, not the head: files sorted by class (cifar10 parquet is) would give one class
+            keep = np.sort(np.random.default_rng(0).choice(len(ds), limit, replace=False))
+            ds = ImageSet(_Subset(ds.images, keep), np.asarray(ds.labels)[keep], ds.decode)
         if len(ds) == 0:
             raise ConfigError(f"the {name} split is empty: point --task.data_dir at data with images")
         self._splits[name] = ds
@@ -207,10 +212,9 @@ class ImageClassification(Task):
 
     @property
     def num_labels(self) -> int:
-        labels = np.asarray(self.build_dataset("train").labels)
-        if labels.min() < 0:
-            raise ConfigError("training labels must be class ids >= 0: fix the label column")
-        return int(labels.max()) + 1
+        """Classes in the FULL training split (before --task.max_train_examples)."""
+        self.build_dataset("train")
+        return self._num_labels
 
     @property
     def is_digits(self) -> bool:
@@ -267,17 +271,15 @@ class ImageClassification(Task):
         return {"accuracy": float((r["pred"] == r["target"]).float().mean()), "loss": float(r["nll"].mean())}
 
 
-class _Head:
-    def __init__(self, seq, n):
-        self.seq, self.n = seq, n
+class _Subset:
+    def __init__(self, seq, keep):
+        self.seq, self.keep = seq, keep
 
     def __getitem__(self, i):
-        if i >= self.n:
-            raise IndexError(i)
-        return self.seq[i]
+        return self.seq[int(self.keep[i])]
 
     def __len__(self):
-        return self.n
+        return len(self.keep)
 
 
 TASK = ImageClassification

@@ -39,13 +39,14 @@ def test_two_ranks_every_zero_stage_and_offload(tmp_path, name):
 
 
 def test_zero_stages_train_identically():
-    """fp32 ZeRO 0-3 (and offload) are the same optimisation: the loss curves agree to float precision."""
-    have = {k: v for k, v in _losses.items()}
-    if len(have) < 2:
-        pytest.fail("the per-stage runs above did not all complete")
-    ref = have["zero0"]
-    for name, losses in have.items():
-        assert losses == pytest.approx(ref, rel=1e-4, abs=1e-5), name
+    """fp32 ZeRO 0, 1, 2 and CPU offload are the same optimisation: the loss curves agree to float precision.
+    ZeRO-3 builds the model already partitioned (HF's zero.Init), which draws the random init differently, so
+    ZeRO-3 runs agree with each other (with and without offload) rather than with stage 0."""
+    if set(_losses) != set(STAGE_CONFIGS):
+        pytest.fail(f"the per-stage runs above did not all complete: {sorted(_losses)}")
+    for name in ("zero1", "zero2", "zero2_offload"):
+        assert _losses[name] == pytest.approx(_losses["zero0"], rel=1e-4, abs=1e-5), name
+    assert _losses["zero3_offload"] == pytest.approx(_losses["zero3"], rel=1e-4, abs=1e-5)
 
 
 def _equivalence_args(out, accum):
