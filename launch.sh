@@ -28,14 +28,16 @@ Where the processes run:
                          DeepSpeed asks the first host over ssh (`hostname -I`). Required for nossh.
   --master_port PORT     rendezvous port. Default: 29500, or a free port when 29500 is taken and the
                          run is on this machine only. Multi-node runs always default to 29500.
-  --launcher KIND        pdsh (default; ssh to every host), openmpi, mpich, slurm, or nossh (start
+  --launcher KIND        pdsh (default; ssh to every host), openmpi, mpich, or nossh (start
                          ./launch.sh yourself on every node with its --node_rank; no ssh at all).
-                         With a hostfile, naming pdsh/openmpi/mpich/slurm forces the multi-node
-                         launcher even for a single host (deepspeed --force_multi); openmpi, mpich
-                         and slurm also get --no_ssh_check and, unless given, --master_addr set to
+                         slurm: run one `./launch.sh --launcher nossh` per node under srun (see
+                         docs/CLUSTER.md); DeepSpeed's own slurm runner cannot start a module.
+                         With a hostfile, naming pdsh/openmpi/mpich forces the multi-node
+                         launcher even for a single host (deepspeed --force_multi); openmpi and
+                         mpich also get --no_ssh_check and, unless given, --master_addr set to
                          the first host (DeepSpeed's ssh probes are for pdsh only).
   --node_rank N          this node's index in the hostfile, 0..nodes-1 (only with --launcher nossh)
-  --launcher_args ARGS   one string of arguments for pdsh/mpirun/srun, e.g.
+  --launcher_args ARGS   one string of arguments for pdsh/mpirun, e.g.
                          --launcher_args "--allow-run-as-root --oversubscribe"
   --ssh_port PORT        ssh port of the nodes (pdsh launcher and DeepSpeed's ssh check)
   --OTHER[=VALUE]        any other option is handed to the deepspeed launcher unchanged, e.g.
@@ -74,14 +76,18 @@ die() { echo "$PROG: error: $*" >&2; exit 2; }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
-# Pick the interpreter that has deepspeed: the active one, else the repository's .venv.
-PY="${LAUNCH_PYTHON:-}"
-if [ -z "$PY" ]; then
-    if command -v python >/dev/null 2>&1; then PY="$(command -v python)"
-    elif [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"
-    else PY="$(command -v python3 || true)"; fi
-fi
-[ -n "$PY" ] || die "no python found; activate the virtual environment first"
+# The interpreter that has deepspeed: $LAUNCH_PYTHON, else `python` on PATH, else the repository's .venv.
+PY=""
+for cand in "${LAUNCH_PYTHON:-}" "$(command -v python 2>/dev/null)" "$HERE/.venv/bin/python" \
+            "$(command -v python3 2>/dev/null)"; do
+    [ -n "$cand" ] && [ -x "$cand" ] || continue
+    if "$cand" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("deepspeed") is None)' 2>/dev/null; then
+        PY="$cand"; break
+    fi
+done
+[ -n "$PY" ] || die "no python with deepspeed found; run 'make setup' or activate the virtual environment"
+# Its bin directory first on PATH, so that its deepspeed, mpirun and ninja are the ones used.
+case ":$PATH:" in *":$(dirname "$PY"):"*) ;; *) export PATH="$(dirname "$PY"):$PATH" ;; esac
 
 NPROC=""; HOSTFILE=""; INCLUDE=""; EXCLUDE=""; NUM_NODES=""; MASTER_ADDR_OPT=""; MASTER_PORT_OPT=""
 LAUNCHER=""; NODE_RANK=""; LAUNCHER_ARGS=""; HAVE_LAUNCHER_ARGS=0; SSH_PORT=""; DRY_RUN=0
@@ -125,11 +131,16 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+# PYTHONPATH: the repository first, so `--module engine.train` resolves from any working directory
+# (DeepSpeed forwards PYTHONPATH to the ranks on every node).
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
 # ---------------------------------------------------------------- validation (nothing started yet)
 case "$LAUNCHER" in
     ""|pdsh|openmpi|mpich|slurm|nossh) ;;
     *) die "--launcher must be one of pdsh, openmpi, mpich, slurm, nossh (got '$LAUNCHER')" ;;
 esac
+[ "$LAUNCHER" != slurm ] || die "--launcher slurm: DeepSpeed 0.19.8's slurm runner drops '-m' and cannot start engine.train; under SLURM run one './launch.sh --launcher nossh --node_rank \$SLURM_NODEID' per node with srun (docs/CLUSTER.md)"
 if [ -n "$NPROC" ]; then is_uint "$NPROC" && [ "$NPROC" -ge 1 ] || die "--nproc_per_node must be an integer >= 1 (got '$NPROC')"; fi
 if [ -n "$NUM_NODES" ]; then is_uint "$NUM_NODES" && [ "$NUM_NODES" -ge 1 ] || die "--num_nodes must be an integer >= 1 (got '$NUM_NODES')"; fi
 if [ -n "$MASTER_PORT_OPT" ]; then
@@ -152,19 +163,15 @@ if [ -n "$INCLUDE$EXCLUDE" ]; then
     case "$LAUNCHER" in openmpi|mpich) die "--launcher $LAUNCHER does not support --include/--exclude; edit the hostfile instead" ;; esac
 fi
 case "$LAUNCHER" in
-    openmpi|mpich|slurm)
+    openmpi|mpich)
         [ -n "$HOSTFILE" ] || die "--launcher $LAUNCHER needs --hostfile"
-        [ "$LAUNCHER" = slurm ] || [ -z "$NPROC$NUM_NODES" ] \
+        [ -z "$NPROC$NUM_NODES" ] \
             || die "--launcher $LAUNCHER takes the process count from the hostfile; drop --nproc_per_node/--num_nodes" ;;
 esac
 if [ -n "$MASTER_ADDR_OPT" ]; then
     msg="$("$PY" -m engine.hostfile host "$MASTER_ADDR_OPT" 2>&1)" \
-        || die "--master_addr: $(printf '%s\n' "$msg" | grep -m1 '^error: ' | sed 's/^error: //')"
+        || die "--master_addr: $(printf '%s\n' "$msg" | { grep -m1 '^error: ' || tail -n1; } | sed 's/^error: //')"
 fi
-
-# PYTHONPATH: the repository first, so `--module engine.train` resolves from any working directory
-# (DeepSpeed forwards PYTHONPATH to the ranks on every node).
-export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A HF=()
 if [ -n "$HOSTFILE" ]; then
@@ -268,7 +275,7 @@ elif [ -z "$HOSTFILE" ]; then CMD+=(--num_gpus 2); NPROC=2; fi
 CMD+=(--master_port "$PORT")
 case "$LAUNCHER" in
     nossh) CMD+=(--no_ssh --node_rank "$NODE_RANK") ;;
-    pdsh|openmpi|mpich|slurm)
+    pdsh|openmpi|mpich)
         CMD+=(--launcher "$LAUNCHER")
         if [ -n "$HOSTFILE" ]; then
             has_extra() { local a; for a in ${EXTRA[@]+"${EXTRA[@]}"}; do [ "$a" = "$1" ] && return 0; done; return 1; }
@@ -358,9 +365,10 @@ echo "$PROG: exported to the ranks through DS_ENV_FILE: ${EXPORT_VARS[*]:-(none)
 print_cmd "${CMD[@]}"
 
 # Run the launcher in its own process group so that a signal to this script reaches it (and only
-# it) and so that nothing of it can outlive this script.
+# it) and so that nothing of it can outlive this script. Its stdin is /dev/null: a background
+# process group that reads the terminal (ssh does) would be stopped by SIGTTIN and hang the job.
 set -m
-"${CMD[@]}" &
+"${CMD[@]}" </dev/null &
 child=$!
 set +m
 forward() {

@@ -46,11 +46,14 @@ def prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def find(resume: str, output_dir: str) -> tuple[str, str] | None:
-    """(load_dir, tag) for --resume auto|PATH, or None when auto finds nothing to resume."""
+def find(resume: str, output_dir: str, universal: bool = False) -> tuple[str, str] | None:
+    """(load_dir, tag) for --resume auto|PATH, or None when auto finds nothing to resume.  With universal,
+    auto follows ``latest_universal`` (written by deepspeed's ds_to_universal) when it exists."""
     if resume == "auto":
         root = os.path.join(output_dir, "checkpoints")
         latest = os.path.join(root, "latest")
+        if universal and os.path.isfile(os.path.join(root, "latest_universal")):
+            latest = os.path.join(root, "latest_universal")
         if not os.path.isfile(latest):
             return None
         with open(latest) as f:

@@ -76,7 +76,10 @@ def init(timeout_s: int = 600) -> World:
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     acc = get_accelerator()
     backend = acc.communication_backend_name()
+    # distributed_port: DeepSpeed's MPI discovery would otherwise overwrite MASTER_PORT with 29500, and two
+    # mpirun jobs on one host would collide.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=launched_by_mpi(),
+                               distributed_port=int(os.environ.get("MASTER_PORT") or 29500),
                                timeout=datetime.timedelta(seconds=timeout_s))
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()

@@ -124,7 +124,7 @@ class Trainer:
         self.resolved = {**cfg.to_dict(), "ds_config_resolved": self.ds, "world_size": world.world_size,
                          "total_steps": self.total_steps}
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-        found = checkpoint.find(cfg.resume, cfg.output_dir) if cfg.resume else None
+        found = checkpoint.find(cfg.resume, cfg.output_dir, cfg.checkpoint.universal) if cfg.resume else None
         if found is not None:
             client = checkpoint.load(self.engine, *found, world)
             self.start_step = int(client["step"])
