@@ -19,7 +19,7 @@ With no arguments it runs the main job on this machine with 2 processes:
 Where the processes run:
   --nproc_per_node N     processes per node (deepspeed --num_gpus N). Default: 2 without a
                          hostfile; with a hostfile, each host's `slots`.
-  --hostfile FILE        MPI-style hostfile, one `HOSTNAME slots=N` line per node (see docs/CLUSTER.md).
+  --hostfile FILE        MPI-style hostfile, one `HOSTNAME slots=N` line per node (see README, "Running on a cluster").
                          Checked before anything starts (format, slots >= 1, duplicates, host names).
   --include SPEC         use only these hosts/slots: HOST[:SLOT[,SLOT...]][@HOST...] (needs --hostfile)
   --exclude SPEC         use every host/slot except these; same syntax (needs --hostfile)
@@ -31,7 +31,7 @@ Where the processes run:
   --launcher KIND        pdsh (default; ssh to every host), openmpi, mpich, or nossh (start
                          ./launch.sh yourself on every node with its --node_rank; no ssh at all).
                          slurm: run one `./launch.sh --launcher nossh` per node under srun (see
-                         docs/CLUSTER.md); DeepSpeed's own slurm runner cannot start a module.
+                         README, "Running on a cluster"); DeepSpeed's own slurm runner cannot start a module.
                          With a hostfile, naming pdsh/openmpi/mpich forces the multi-node
                          launcher even for a single host (deepspeed --force_multi); openmpi and
                          mpich also get --no_ssh_check and, unless given, --master_addr set to
@@ -140,7 +140,7 @@ case "$LAUNCHER" in
     ""|pdsh|openmpi|mpich|slurm|nossh) ;;
     *) die "--launcher must be one of pdsh, openmpi, mpich, slurm, nossh (got '$LAUNCHER')" ;;
 esac
-[ "$LAUNCHER" != slurm ] || die "--launcher slurm: DeepSpeed 0.19.8's slurm runner drops '-m' and cannot start engine.train; under SLURM run one './launch.sh --launcher nossh --node_rank \$SLURM_NODEID' per node with srun (docs/CLUSTER.md)"
+[ "$LAUNCHER" != slurm ] || die "--launcher slurm: DeepSpeed 0.19.8's slurm runner drops '-m' and cannot start engine.train; under SLURM run one './launch.sh --launcher nossh --node_rank \$SLURM_NODEID' per node with srun (README, section 'Running on a cluster')"
 if [ -n "$NPROC" ]; then is_uint "$NPROC" && [ "$NPROC" -ge 1 ] || die "--nproc_per_node must be an integer >= 1 (got '$NPROC')"; fi
 if [ -n "$NUM_NODES" ]; then is_uint "$NUM_NODES" && [ "$NUM_NODES" -ge 1 ] || die "--num_nodes must be an integer >= 1 (got '$NUM_NODES')"; fi
 if [ -n "$MASTER_PORT_OPT" ]; then

@@ -440,7 +440,7 @@ def test_resume_on_fewer_ranks_via_universal_checkpoint(tmp_path, port):
     assert rc == 0, out[-6000:]
     root = out_dir / "checkpoints"
     assert len(zero_shards(root / "global_step4")) == 2
-    # A ZeRO-2 checkpoint of 2 ranks does not load on 1 rank as it is; convert it (docs/CLUSTER.md).
+    # A ZeRO-2 checkpoint of 2 ranks does not load on 1 rank as it is; convert it (README, "Running on a cluster").
     r = subprocess.run([PY, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", root / "global_step4",
                         "--output_folder", root / "global_step4_universal", "--num_extract_workers", "1",
                         "--num_merge_workers", "1", "--inject_missing_state"],
