@@ -1,6 +1,7 @@
 """End-to-end runs of the real entry point with real ranks (gloo), real DeepSpeed engines and real data."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,18 +11,24 @@ from tests.helpers import DATA, TINY, load_weights, metrics, run
 
 pytestmark = pytest.mark.dist
 
-STAGE_CONFIGS = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
+# ZeRO 0-3 and an offload config through the real `deepspeed` launcher, 2 ranks each. zero1 runs under torchrun
+# instead (the other launcher users reach for) and its TensorBoard output is read back below; zero2 and
+# zero2_offload use the default fused optimizers (FusedAdam, DeepSpeedCPUAdam: real JIT-built ops).
+STAGE_CONFIGS = ["zero0", "zero1", "zero2", "zero3", "zero2_offload"]
+LAUNCHER = {"zero1": "torchrun"}
+FUSED = {"zero2", "zero2_offload"}
 _losses: dict[str, list[float]] = {}
+_outputs: dict = {}
 
 
 @pytest.mark.parametrize("name", STAGE_CONFIGS)
 def test_two_ranks_every_zero_stage_and_offload(tmp_path, name):
     out = tmp_path / name
-    # the offload run uses the default fused optimizer: DeepSpeedCPUAdam (a real JIT-built op)
-    impl = ["--optim.impl", "fused"] if name == "zero2_offload" else []
-    proc = run([*TINY, *impl, "--output_dir", str(out), "--ds_config", f"ds_configs/{name}.json",
+    args = [a for a in TINY if a not in ("--optim.impl", "torch")] if name in FUSED else TINY
+    proc = run([*args, "--output_dir", str(out), "--ds_config", f"ds_configs/{name}.json",
                 "--train.max_steps", "6", "--train.micro_batch_size", "8", "--eval.batch_size", "90",
-                "--task.max_eval_examples", "180"], nproc=2, launcher="deepspeed")
+                "--eval.every_steps", "3", "--task.max_eval_examples", "180"],
+               nproc=2, launcher=LAUNCHER.get(name, "deepspeed"))
     for r in (0, 1):
         assert f"rank {r}/2" in proc.stdout
     train = metrics(out)
@@ -29,24 +36,50 @@ def test_two_ranks_every_zero_stage_and_offload(tmp_path, name):
     assert all(math.isfinite(r["loss"]) and r["consistency"] > 0 for r in train)
     assert all(r["grad_norm"] > 0 for r in train)
     ev = metrics(out, "eval")
-    assert ev and 0.0 <= ev[-1]["accuracy"] <= 1.0
+    assert [r["step"] for r in ev] == [3, 6] and all(0.0 <= r["accuracy"] <= 1.0 for r in ev)
     assert (out / "checkpoints" / "global_step6").is_dir() and (out / "checkpoints" / "latest").read_text() == \
         "global_step6"
+    best = max(ev, key=lambda r: r["accuracy"])
+    assert (out / "checkpoints" / "best").is_dir()
+    state = torch.load(next((out / "checkpoints" / "best").glob("*model_states.pt")), weights_only=False)
+    assert state["best"] == pytest.approx(best["accuracy"]) and state["step"] == best["step"]
+    resolved = json.loads((out / "config.json").read_text())["ds_config_resolved"]
+    assert resolved["optimizer"]["params"]["torch_adam"] is (name not in FUSED)
     weights = load_weights(out)
     assert weights["classifier.weight"].shape == (10, 32) and weights["classifier.weight"].dtype == torch.float32
     assert all(torch.isfinite(w).all() for w in weights.values())
     _losses[name] = [r["loss"] for r in train]
+    _outputs[name] = out
 
 
 def test_zero_stages_train_identically():
-    """fp32 ZeRO 0, 1, 2 and CPU offload are the same optimisation: the loss curves agree to float precision.
-    ZeRO-3 builds the model already partitioned (HF's zero.Init), which draws the random init differently, so
-    ZeRO-3 runs agree with each other (with and without offload) rather than with stage 0."""
+    """fp32 ZeRO 0, 1, 2 and CPU offload are the same optimisation: the loss curves agree to float precision
+    (fused and torch Adam included).  ZeRO-3 builds the model already partitioned (HF's zero.Init), which draws
+    the random init differently, so only its finiteness is checked above."""
     if set(_losses) != set(STAGE_CONFIGS):
         pytest.fail(f"the per-stage runs above did not all complete: {sorted(_losses)}")
     for name in ("zero1", "zero2", "zero2_offload"):
         assert _losses[name] == pytest.approx(_losses["zero0"], rel=1e-4, abs=1e-5), name
-    assert _losses["zero3_offload"] == pytest.approx(_losses["zero3"], rel=1e-4, abs=1e-5)
+
+
+def test_tensorboard_tags_read_back():
+    """The zero1 run's TensorBoard file, read with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    if "zero1" not in _outputs:
+        pytest.fail("the zero1 run above did not complete")
+    out = _outputs["zero1"]
+    runs = list((out / "tensorboard").glob("*"))
+    assert runs, "no TensorBoard run directory"
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"Train/loss", "Train/nll", "Train/consistency", "Train/lr", "Train/grad_norm", "Train/samples_per_sec",
+            "Train/units_per_sec", "Train/alpha", "Eval/accuracy", "Eval/loss", "Train/Samples/lr"}
+    assert want <= tags, want - tags
+    losses = acc.Scalars("Train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in metrics(out)], rel=1e-6)
+    assert [e.step for e in acc.Scalars("Eval/accuracy")] == [3, 6]
 
 
 def _equivalence_args(out, accum):
@@ -121,30 +154,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     # the resolved config travels with every checkpoint
-    import json
     cfg = json.loads((part / "checkpoints" / "global_step5" / "config.json").read_text())
     assert cfg["ds_config_resolved"]["gradient_clipping"] == 0.0 and cfg["train"]["max_steps"] == 10
-
-
-def test_tensorboard_tags_read_back(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out = tmp_path / "tb"
-    run([*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero1.json", "--train.max_steps", "4",
-         "--train.micro_batch_size", "8", "--eval.every_steps", "2", "--task.max_eval_examples", "90"],
-        nproc=2, launcher="torchrun")
-    runs = list((out / "tensorboard").glob("*"))
-    assert runs, "no TensorBoard run directory"
-    acc = EventAccumulator(str(runs[0]))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    want = {"Train/loss", "Train/nll", "Train/consistency", "Train/lr", "Train/grad_norm", "Train/samples_per_sec",
-            "Train/units_per_sec", "Eval/accuracy", "Eval/loss", "Train/Samples/lr"}
-    assert want <= tags, want - tags
-    losses = acc.Scalars("Train/loss")
-    assert [e.step for e in losses] == [1, 2, 3, 4]
-    jsonl = [r["loss"] for r in metrics(out)]
-    assert [e.value for e in losses] == pytest.approx(jsonl, rel=1e-6)
-    assert [e.step for e in acc.Scalars("Eval/accuracy")] == [2, 4]
 
 
 def test_no_launcher_world_of_one_and_bf16(tmp_path):
@@ -155,19 +166,6 @@ def test_no_launcher_world_of_one_and_bf16(tmp_path):
     assert len(metrics(out)) == 3 and "accuracy" in metrics(out, "eval")[-1]
 
 
-def test_fused_adam_default_optimizer(tmp_path):
-    """The default optimizer path: DeepSpeed's FusedAdam (a JIT-built CPU op here)."""
-    out = tmp_path / "fused"
-    args = [a for a in TINY if a not in ("--optim.impl", "torch")]
-    proc = run([*args, "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json", "--train.max_steps", "3",
-                "--train.micro_batch_size", "8", "--task.max_eval_examples", "50"], nproc=2, launcher="deepspeed")
-    assert len(metrics(out)) == 3
-    import json
-    assert json.loads((out / "config.json").read_text())["ds_config_resolved"]["optimizer"]["params"][
-        "torch_adam"] is False
-    assert "rank 1/2" in proc.stdout
-
-
 def test_cifar10_parquet_from_shared_data(tmp_path):
     out = tmp_path / "cifar"
     run([*TINY, "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json", "--task.data_dir",
@@ -175,6 +173,5 @@ def test_cifar10_parquet_from_shared_data(tmp_path):
          "--task.max_train_examples", "512", "--task.max_eval_examples", "64"], nproc=2, launcher="deepspeed",
         HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
     assert len(metrics(out)) == 3
-    import json
     cfg = json.loads((out / "hf_model" / "config.json").read_text())
     assert cfg["num_channels"] == 3 and cfg["image_size"] == 32 and len(cfg["id2label"]) == 10
