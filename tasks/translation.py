@@ -58,7 +58,8 @@ HUB_CONFIGS = {"iwslt2017": "iwslt2017-{src}-{tgt}", "wmt14": "{a}-{b}"}
 
 @dataclass
 class Config(TaskConfig):
-    model: str = "transformer_iwslt_de_en"   # tiny | small | transformer_iwslt_de_en | transformer_vaswani_wmt_en_de_big
+    model: str = "transformer_iwslt_de_en"   # models.transformer_mt.PRESETS: tiny | mini | small |
+    #                                          transformer_iwslt_de_en | transformer_vaswani_wmt_en_de_big
     data_dir: str = ""                  # DIR/{split}.{lang}[.gz]
     dataset: str = ""                   # hub dataset (iwslt2017 | wmt14) when data_dir is not set
     source_lang: str = "de"
@@ -327,17 +328,22 @@ def compound_split(line: str) -> str:
     return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", line)
 
 
-def bleu_scores(hyps: list[str], refs: list[str], tokenize: str = "13a", split_compounds: bool = False) -> dict:
-    """{'bleu': sacreBLEU on detokenized text, 'bleu_tok': tokenized BLEU (13a-tokenized, tokenize='none')}."""
+def bleu_scores(hyps: list[str], refs, tokenize: str = "13a", split_compounds: bool = False) -> dict:
+    """{'bleu': sacreBLEU on detokenized text, 'bleu_tok': tokenized BLEU (13a-tokenized, tokenize='none')}.
+
+    ``refs``: one reference per hypothesis (list of str) or several reference streams (list of lists of str).
+    """
     import sacrebleu
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-    detok = sacrebleu.corpus_bleu(hyps, [refs], tokenize=tokenize)
+    streams = [refs] if refs and isinstance(refs[0], str) else list(refs)
+    detok = sacrebleu.corpus_bleu(hyps, streams, tokenize=tokenize)
     tok = Tokenizer13a()
     th = [tok(h) for h in hyps]
-    tr = [tok(r) for r in refs]
+    tr = [[tok(r) for r in stream] for stream in streams]
     if split_compounds:
-        th, tr = [compound_split(x) for x in th], [compound_split(x) for x in tr]
-    tokenized = sacrebleu.corpus_bleu(th, [tr], tokenize="none", force=True)
+        th = [compound_split(x) for x in th]
+        tr = [[compound_split(x) for x in stream] for stream in tr]
+    tokenized = sacrebleu.corpus_bleu(th, tr, tokenize="none", force=True)
     return {"bleu": float(detok.score), "bleu_tok": float(tokenized.score)}
 
 
@@ -347,7 +353,8 @@ def gen_kwargs(beam: int, lenpen: float, max_len_a: float, max_len_b: int, src_l
     if beam < 1:
         raise ConfigError(f"beam must be >= 1, got {beam}: pass --beam 5 (or --task.beam 5)")
     return dict(num_beams=beam, length_penalty=lenpen, early_stopping=True, do_sample=False,
-                max_new_tokens=max(1, int(max_len_a * src_len + max_len_b)), min_length=0,
+                # fairseq: up to a * (longest source) + b tokens, then </s>; HF counts the start token too
+                max_length=max(1, int(max_len_a * src_len + max_len_b)) + 2, min_length=0,
                 decoder_start_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
                 forced_eos_token_id=None, num_return_sequences=1, no_repeat_ngram_size=0)
 
@@ -380,8 +387,9 @@ class Translation(Task):
     @classmethod
     def default_overrides(cls):
         # Appendix A.1 / fairseq's IWSLT recipe: Adam (0.9, 0.98), eps 1e-9, lr 5e-4 inverse_sqrt, 4k warmup,
-        # weight decay 1e-4, clip off, alpha 5 (fairseq's reduction = the engine's).
-        return {"optim.name": "adam", "optim.lr": 5e-4, "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-9,
+        # weight decay 1e-4 on every parameter, clip off, alpha 5 (fairseq's reduction = the engine's).
+        # fairseq's "adam" decays weights decoupled (its docstring: "corresponds to the AdamW variant"): adamw here.
+        return {"optim.name": "adamw", "optim.lr": 5e-4, "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-9,
                 "optim.weight_decay": 1e-4, "optim.schedule": "inverse_sqrt", "optim.warmup_steps": 4000,
                 "optim.warmup_init_lr": 1e-7, "optim.clip_grad": 0.0, "rdrop.alpha": 5.0,
                 "train.micro_batch_size": 1, "eval.batch_size": 64}
@@ -549,7 +557,8 @@ class Translation(Task):
                 out = self.forward(ctx.model, batch)
                 logits, target, pad = out.logits, out.target, out.pad_mask
                 for k in range(logits.shape[0]):         # per example sums, so gather() can drop shard padding
-                    local["loss"].append(rdrop.nll_loss(logits[k], target[k], pad[k], self.label_smoothing).view(1).cpu())
+                    ls = rdrop.nll_loss(logits[k], target[k], pad[k], self.label_smoothing)
+                    local["loss"].append(ls.view(1).cpu())
                     local["nll"].append(rdrop.nll_loss(logits[k], target[k], pad[k], 0.0).view(1).cpu())
                     local["tokens"].append((~pad[k]).sum().float().view(1).cpu())
         r = ctx.gather(local, len(ds))
