@@ -144,6 +144,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     first = run([*common, "--output_dir", str(part), "--train.stop_at_step", "5"], nproc=2, launcher="deepspeed")
     assert "stopped at step 5" in first.stdout
     assert (part / "checkpoints" / "latest").read_text() == "global_step5"
+    # the resolved config travels with every checkpoint
+    cfg = json.loads((part / "checkpoints" / "global_step5" / "config.json").read_text())
+    assert cfg["ds_config_resolved"]["gradient_clipping"] == 0.0 and cfg["train"]["max_steps"] == 10
     second = run([*common, "--output_dir", str(part), "--resume", "auto"], nproc=2, launcher="deepspeed")
     assert "resumed from" in second.stdout and "at step 5" in second.stdout
     a, b = metrics(full), metrics(part)
@@ -153,9 +156,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     wa, wb = load_weights(full), load_weights(part)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    # the resolved config travels with every checkpoint
-    cfg = json.loads((part / "checkpoints" / "global_step5" / "config.json").read_text())
-    assert cfg["ds_config_resolved"]["gradient_clipping"] == 0.0 and cfg["train"]["max_steps"] == 10
+    # --checkpoint.keep_last 2 (the task's default) pruned the older step checkpoints
+    assert sorted(p.name for p in (part / "checkpoints").glob("global_step*")) == ["global_step10", "global_step8"]
 
 
 def test_no_launcher_world_of_one_and_bf16(tmp_path):

@@ -255,7 +255,7 @@ def two_rank_run(tmp_path_factory):
     if not (DATA / "train.de.gz").is_file():
         pytest.skip("../shared/data/multi30k not present")
     out = tmp_path_factory.mktemp("mt") / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.train",
+    cmd = [sys.executable, str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.train",
            "--task", "translation", "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json",
            "--task.data_dir", str(DATA), "--task.source_lang", "de", "--task.target_lang", "en",
            "--task.model", "tiny", "--task.vocab_size", "600", "--task.max_train_examples", "1200",
