@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from engine.config import ConfigError
 from engine.task import TaskOutput
 from models import transformer_mt as mt
 from tasks import translation as tr
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "multi30k"
@@ -31,12 +31,6 @@ needs_data = pytest.mark.skipif(not (DATA / "train.de.gz").is_file(), reason="..
 def _lines(split, lang, n):
     with gzip.open(DATA / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
         return [next(f).rstrip("\n") for _ in range(n)]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(**kw):
@@ -255,7 +249,7 @@ def two_rank_run(tmp_path_factory):
     if not (DATA / "train.de.gz").is_file():
         pytest.skip("../shared/data/multi30k not present")
     out = tmp_path_factory.mktemp("mt") / "run"
-    cmd = [sys.executable, str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "engine.train",
+    cmd = [sys.executable, str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "engine.train",
            "--task", "translation", "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json",
            "--task.data_dir", str(DATA), "--task.source_lang", "de", "--task.target_lang", "en",
            "--task.model", "tiny", "--task.vocab_size", "600", "--task.max_train_examples", "1200",
