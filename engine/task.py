@@ -12,6 +12,7 @@ How the engine uses a task, in order::
                                                 #   torch.Generator for training-time augmentation, None in eval
     n = task.num_units(batch)                   # units this batch contributes to the loss (examples or target
                                                 #   tokens), counted BEFORE R-Drop doubles the batch
+    stats = task.batch_stats(batch)             # optional {name: (num, den)} logged as Train/<name>
     out = task.forward(model, batch)            # TaskOutput; called once on the doubled batch by engine/rdrop.py
     nll_sum = task.loss(out)                    # SUM over units (never a mean: the engine normalises once)
     cons = task.consistency(a, b)               # SUM over units; symmetric KL by default, MSE for regression
@@ -104,6 +105,11 @@ class Task:
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> TaskOutput:
         raise NotImplementedError
+
+    def batch_stats(self, batch: dict[str, Tensor]) -> dict[str, tuple[float, float]]:
+        """Extra training metrics as {name: (numerator, denominator)}; the engine sums both over the log
+        interval and all ranks and logs numerator / denominator as Train/<name> (e.g. the padding ratio)."""
+        return {}
 
     def num_units(self, batch: dict[str, Tensor]) -> int:
         """Units of one copy of the batch: examples by default; token tasks count non-pad target tokens."""

@@ -98,6 +98,7 @@ class Trainer:
         self.best = None
         self.start_step = 0
         self.final_metrics: dict = {}
+        self._stats: dict[str, list[float]] = {}     # Task.batch_stats sums over the current log interval
 
     def dataset(self, split: str):
         if split not in self._datasets:
@@ -189,6 +190,11 @@ class Trainer:
         total_units = dist_utils.all_reduce_sum([local_units], world)[0]
         scale = accum * world.world_size / max(total_units, 1.0)
         sums, norm = [0.0, 0.0, 0.0, local_units, 0.0, 0.0], None
+        for batch in group:
+            for name, (num, den) in task.batch_stats(batch).items():
+                acc = self._stats.setdefault(name, [0.0, 0.0])
+                acc[0] += float(num)
+                acc[1] += float(den)
         for j, batch in enumerate(group):
             batch = to_device(batch, world.device)
             out = rdrop_loss(task, engine, batch, self.cfg.rdrop.mode, alpha)
@@ -220,12 +226,19 @@ class Trainer:
             if log_every and step % log_every == 0:
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else grad_norm
-                loss, nll, cons, units, samples, copy_units = dist_utils.all_reduce_sum(sums, world)
+                names = sorted(self._stats)      # the same names on every rank: tasks report them per batch
+                flat = sums + [v for n in names for v in self._stats[n]]
+                reduced = dist_utils.all_reduce_sum(flat, world)
+                loss, nll, cons, units, samples, copy_units = reduced[:6]
                 elapsed = time.perf_counter() - t_last
-                self.monitor.log("train", step, {
-                    "loss": loss / units, "nll": nll / copy_units, "consistency": cons / units, "alpha": alpha,
-                    "lr": lr, "grad_norm": grad_norm, "samples_per_sec": samples / elapsed,
-                    "units_per_sec": units / elapsed})
+                record = {"loss": loss / units, "nll": nll / copy_units, "consistency": cons / units,
+                          "alpha": alpha, "lr": lr, "grad_norm": grad_norm, "samples_per_sec": samples / elapsed,
+                          "units_per_sec": units / elapsed}
+                for k, n in enumerate(names):
+                    num, den = reduced[6 + 2 * k], reduced[7 + 2 * k]
+                    record[n] = num / den if den else float("nan")
+                self.monitor.log("train", step, record)
+                self._stats = {}
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}: lower --optim.lr or set "
                                              "--optim.clip_grad (e.g. 1.0)")

@@ -547,6 +547,12 @@ class Translation(Task):
     def num_units(self, batch):
         return int(batch["labels"].ne(PAD_ID).sum())
 
+    def batch_stats(self, batch):
+        """Padding ratio of the training batches (source and target positions), logged as Train/pad_ratio."""
+        pad = int(batch["input_ids"].eq(PAD_ID).sum()) + int(batch["labels"].eq(PAD_ID).sum())
+        total = batch["input_ids"].numel() + batch["labels"].numel()
+        return {"pad_ratio": (pad, total)}
+
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate(self, ctx, split: str) -> dict[str, float]:
         from engine import rdrop

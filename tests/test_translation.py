@@ -269,6 +269,7 @@ def test_two_rank_rdrop_run(two_rank_run):
     ev = [r for r in records if r["kind"] == "eval"][-1]
     assert len(train) == 4 and all(r["consistency"] > 0 and math.isfinite(r["loss"]) for r in train)
     assert all(r["loss"] > r["nll"] for r in train)                         # nll of 2 copies / units + alpha * KL
+    assert all(0 <= r["pad_ratio"] < 0.5 for r in train)                    # Task.batch_stats, summed over ranks
     cfg = json.load(open(out / "config.json"))
     assert cfg["world_size"] == 2 and cfg["rdrop"]["mode"] == "rdrop"
     assert (cfg["optim"]["name"], cfg["optim"]["beta2"], cfg["optim"]["eps"]) == ("adamw", 0.98, 1e-9)
