@@ -182,19 +182,23 @@ class Trainer:
                 group = []
 
     def train_step(self, group: list[dict], alpha: float, want_norm: bool = False):
-        """One optimizer step over this rank's ``accum`` micro-batches.  Returns the step's local sums
-        [loss, nll, consistency, units, samples, units x copies] and, if asked on ZeRO-0, the grad norm."""
+        """One optimizer step over this rank's ``accum`` micro-batches.
+
+        Returns the step's local sums: ``loss, nll, consistency`` as one float64 tensor on the device (no host
+        sync per micro-step), ``units, samples, units x copies`` as host floats, and, if asked on ZeRO-0, the
+        grad norm."""
         task, engine, world = self.task, self.engine, self.world
         accum = len(group)
-        local_units = float(sum(task.num_units(b) for b in group))
-        total_units = dist_utils.all_reduce_sum([local_units], world)[0]
+        units = [float(task.num_units(b)) for b in group]
+        total_units = dist_utils.all_reduce_sum([sum(units)], world)[0]
         scale = accum * world.world_size / max(total_units, 1.0)
-        sums, norm = [0.0, 0.0, 0.0, local_units, 0.0, 0.0], None
         for batch in group:
             for name, (num, den) in task.batch_stats(batch).items():
                 acc = self._stats.setdefault(name, [0.0, 0.0])
                 acc[0] += float(num)
                 acc[1] += float(den)
+        device_sums = torch.zeros(3, dtype=torch.float64, device=world.device)
+        host_sums, norm = [sum(units), 0.0, 0.0], None
         for j, batch in enumerate(group):
             batch = to_device(batch, world.device)
             out = rdrop_loss(task, engine, batch, self.cfg.rdrop.mode, alpha)
@@ -202,24 +206,24 @@ class Trainer:
             if want_norm and j == accum - 1:    # ZeRO-0 keeps no norm of its own; grads are reduced by now
                 norm = self._grad_norm_stage0()
             engine.step()
-            sums[0] += float(out.loss.detach())
-            sums[1] += float(out.nll)
-            sums[2] += float(out.consistency)
-            sums[4] += float(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
-            sums[5] += float(task.num_units(batch)) * out.copies
-        return sums, norm
+            device_sums += torch.stack([out.loss.detach(), out.nll, out.consistency]).double()
+            host_sums[1] += float(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
+            host_sums[2] += units[j] * out.copies
+        return device_sums, host_sums, norm
 
     def fit(self) -> dict:
         cfg, world, engine = self.cfg, self.world, self.engine
         log_every, eval_every, save_every = cfg.log.every_steps, cfg.eval.every_steps, cfg.checkpoint.every_steps
-        sums = [0.0] * 6   # loss, nll, consistency, units (one copy), samples (one copy), copies*units
+        # log-interval sums: loss, nll, consistency (device) | units (one copy), samples (one copy), copies*units
+        dev_sums, host_sums = torch.zeros(3, dtype=torch.float64, device=world.device), [0.0] * 3
         t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
         engine.train()
         for group in self.micro_batches(self.start_step):
             want_norm = self.stage == 0 and log_every and (step + 1) % log_every == 0
             alpha, lr = self.alpha(), self.current_lr()      # what this step uses (the scheduler steps inside)
-            step_sums, norm0 = self.train_step(group, alpha, want_norm)
-            sums = [a + b for a, b in zip(sums, step_sums)]
+            step_dev, step_host, norm0 = self.train_step(group, alpha, want_norm)
+            dev_sums += step_dev
+            host_sums = [a + b for a, b in zip(host_sums, step_host)]
             grad_norm = norm0 if norm0 is not None else grad_norm
             step += 1
             self.monitor.advance()
@@ -227,7 +231,7 @@ class Trainer:
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else grad_norm
                 names = sorted(self._stats)      # the same names on every rank: tasks report them per batch
-                flat = sums + [v for n in names for v in self._stats[n]]
+                flat = dev_sums.tolist() + host_sums + [v for n in names for v in self._stats[n]]
                 reduced = dist_utils.all_reduce_sum(flat, world)
                 loss, nll, cons, units, samples, copy_units = reduced[:6]
                 elapsed = time.perf_counter() - t_last
@@ -242,7 +246,8 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}: lower --optim.lr or set "
                                              "--optim.clip_grad (e.g. 1.0)")
-                sums, t_last = [0.0] * 6, time.perf_counter()
+                dev_sums.zero_()
+                host_sums, t_last = [0.0] * 3, time.perf_counter()
             is_last = step >= self.total_steps
             stop = step == cfg.train.stop_at_step
             if (eval_every and step % eval_every == 0) or is_last:
