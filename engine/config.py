@@ -305,8 +305,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.rdrop.mode != "rdrop" and cfg.rdrop.alpha_schedule != "constant":
         raise ConfigError(f"--rdrop.alpha_schedule {cfg.rdrop.alpha_schedule} has no effect with --rdrop.mode "
                           f"{cfg.rdrop.mode}: use --rdrop.mode rdrop or drop the flag")
-    if cfg.resume not in ("", "auto") and not cfg.resume.strip():
-        raise ConfigError("--resume must be 'auto' or a checkpoint directory")
     if cfg.task_cfg is not None and hasattr(cfg.task_cfg, "validate"):
         cfg.task_cfg.validate()
 

@@ -51,8 +51,16 @@ class TrainBatches:
                                   " (micro x accum x world): lower --train.micro_batch_size or --train.grad_accum")
             self.steps_per_epoch = n // global_batch
 
+    _last: tuple = (None, None)
+
     def step_specs(self, step: int) -> list[BatchSpec]:
-        """The ``accum`` micro-batch specs this rank runs at optimizer step ``step`` (0-based)."""
+        """The ``accum`` micro-batch specs this rank runs at optimizer step ``step`` (0-based).  The loader asks
+        once per micro-batch, so the last step's specs are kept."""
+        if self._last[0] != step:
+            self._last = (step, self._step_specs(step))
+        return self._last[1]
+
+    def _step_specs(self, step: int) -> list[BatchSpec]:
         epoch, k = divmod(step, self.steps_per_epoch)
         per_step = self.accum * self.world_size
         if self.custom:

@@ -78,8 +78,8 @@ def mse_loss(pred: Tensor, target: Tensor, pad_mask: Tensor | None = None) -> Te
 def mse_consistency(pred_a: Tensor, pred_b: Tensor, pad_mask: Tensor | None = None) -> Tensor:
     """Summed squared difference between the two predictions (appendix eq. 1)."""
     err = (pred_a.float() - pred_b.float()) ** 2
-    if err.dim() > 1 and pad_mask is not None and pad_mask.dim() < err.dim():
-        err = err.sum(-1)
+    if pad_mask is not None:            # one value per masked unit: sum any trailing output dims first
+        err = err.reshape(*pad_mask.shape, -1).sum(-1)
     return (err * _keep(pad_mask, err)).sum()
 
 

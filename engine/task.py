@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -186,5 +186,3 @@ def model_has_active_dropout(model: nn.Module) -> bool:
                     return True
     return False
 
-
-Collate = Callable[[list], dict]
