@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.rdrop import MODES as RDROP_MODES
+
 
 class ConfigError(ValueError):
     """Bad user input.  The message is one line and says how to fix it."""
@@ -99,7 +101,7 @@ CHOICES = {
     ("optim", "name"): ("adam", "adamw", "sgd"),
     ("optim", "impl"): ("fused", "torch"),
     ("optim", "schedule"): ("constant", "inverse_sqrt", "linear", "polynomial", "cosine"),
-    ("rdrop", "mode"): ("none", "rdrop", "duplicate"),
+    ("rdrop", "mode"): RDROP_MODES,
     ("rdrop", "alpha_schedule"): ("constant", "linear_with_lr"),
 }
 
@@ -120,6 +122,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     task_cfg: Any = None          # the task's own Config dataclass, set as --task.FIELD
+    task_class: Any = field(default=None, repr=False, compare=False)  # resolved once by parse_args
     explicit: set = field(default_factory=set)  # "section.field" keys the user set (not defaults, not recipes)
 
     def to_dict(self) -> dict:
@@ -255,7 +258,7 @@ def parse_args(argv: list[str]) -> RunConfig:
     if missing:
         raise ConfigError(f"missing required option(s) {' '.join(missing)}: "
                           "python -m engine.train --task NAME --output_dir DIR --ds_config PATH")
-    task_cls = get_task_class(cfg.task)
+    task_cls = cfg.task_class = get_task_class(cfg.task)
     cfg.task_cfg = task_cls.Config()
     for key, val in task_cls.default_overrides().items():
         apply(cfg, key, val, explicit=False)

@@ -1,4 +1,5 @@
-"""The R-Drop hook and its losses.  Task-agnostic, pure functions: nothing here calls backward or mutates input.
+"""The R-Drop hook.  Task-agnostic and pure: nothing here calls backward or mutates input.  The loss primitives it
+composes (through the Task contract) live in engine/losses.py.
 
 R-Drop (Liang et al., 2021): every example goes through the model twice with dropout on; the two sub-models
 give P1 and P2 and the loss is
@@ -28,59 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 MODES = ("none", "rdrop", "duplicate")
-
-
-def _keep(mask: Tensor | None, like: Tensor) -> Tensor:
-    """1.0 where a position counts, 0.0 where pad_mask says it does not."""
-    if mask is None:
-        return torch.ones_like(like)
-    return (~mask).to(like.dtype)
-
-
-def nll_loss(logits: Tensor, target: Tensor, pad_mask: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
-    """Summed (label-smoothed) negative log-likelihood, fairseq's label_smoothed_nll_loss formula.
-
-    logits [..., C], target [...] class ids; positions with pad_mask True contribute 0.
-    """
-    lprobs = F.log_softmax(logits.float(), dim=-1)
-    safe_target = target.masked_fill(pad_mask, 0) if pad_mask is not None else target
-    nll = -lprobs.gather(-1, safe_target.long().unsqueeze(-1)).squeeze(-1)
-    if label_smoothing > 0:
-        eps_i = label_smoothing / (lprobs.size(-1) - 1)
-        smooth = -lprobs.sum(-1)
-        nll = (1.0 - label_smoothing - eps_i) * nll + eps_i * smooth
-    return (nll * _keep(pad_mask, nll)).sum()
-
-
-def symmetric_kl(logits_a: Tensor, logits_b: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-    """(KL(a||b) + KL(b||a)) / 2, KL summed over the class dim per unit, then summed over unmasked units.
-
-    Gradients flow through both sides (no detach), as in the authors' code.  Computed in float32.
-    """
-    la = F.log_softmax(logits_a.float(), dim=-1)
-    lb = F.log_softmax(logits_b.float(), dim=-1)
-    kl_ab = (la.exp() * (la - lb)).sum(-1)
-    kl_ba = (lb.exp() * (lb - la)).sum(-1)
-    per_unit = (kl_ab + kl_ba) / 2
-    return (per_unit * _keep(pad_mask, per_unit)).sum()
-
-
-def mse_loss(pred: Tensor, target: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-    """Summed squared error to the target (regression's NLL under a unit Gaussian, up to constants)."""
-    err = (pred.float().reshape(target.shape) - target.float()) ** 2
-    return (err * _keep(pad_mask, err)).sum()
-
-
-def mse_consistency(pred_a: Tensor, pred_b: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-    """Summed squared difference between the two predictions (appendix eq. 1)."""
-    err = (pred_a.float() - pred_b.float()) ** 2
-    if pad_mask is not None:            # one value per masked unit: sum any trailing output dims first
-        err = err.reshape(*pad_mask.shape, -1).sum(-1)
-    return (err * _keep(pad_mask, err)).sum()
 
 
 def double_batch(batch: dict) -> dict:
@@ -106,9 +57,7 @@ def rdrop_loss(task, model, batch: dict, mode: str = "rdrop", alpha: float = 1.0
         nll = task.loss(out)
         return RDropLoss(nll, nll.detach(), torch.zeros((), device=nll.device), 1)
     out = task.forward(model, double_batch(batch))
-    a, b = out.split()
-    nll = task.loss(a) + task.loss(b)
-    if mode == "duplicate":
+    nll, cons = task.rdrop_terms(out, consistency=mode == "rdrop")
+    if cons is None:
         return RDropLoss(nll, nll.detach(), torch.zeros((), device=nll.device), 2)
-    cons = task.consistency(a, b)
     return RDropLoss(nll + alpha * cons, nll.detach(), cons.detach(), 2)

@@ -24,7 +24,8 @@ units of ONE copy over the whole optimizer step (all micro-batches, all ranks). 
 Writing a new task: subclass :class:`Task`, declare ``Config`` (a dataclass; its fields become ``--task.FIELD``
 flags), implement build_model / build_dataset / collate / forward, and either ``eval_step`` + ``compute_metrics``
 or your own ``evaluate``.  Classification tasks need nothing else: loss and consistency default to token/example
-cross-entropy and symmetric KL with ``pad_mask`` honoured.  Set ``regression = True`` for MSE (GLUE STS-B).
+cross-entropy and symmetric KL with ``pad_mask`` honoured.  A Config field ``regression`` (True: MSE, GLUE STS-B)
+and ``label_smoothing`` are read from the task's Config, their one owner.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from engine import losses
 from engine.config import ConfigError
 
 
@@ -71,16 +73,28 @@ class TaskConfig:
 
 class Task:
     Config: type = TaskConfig
-    regression: bool = False            # True: MSE loss and MSE consistency
     metric: str = "loss"                # key of evaluate()'s dict used to pick the best checkpoint
     metric_mode: str = "min"            # "max" when larger is better (accuracy, BLEU)
     default_eval_split: str = "valid"
-    label_smoothing: float = 0.0
 
     def __init__(self, run_cfg, world: Any = None):
         self.run_cfg = run_cfg
         self.cfg = run_cfg.task_cfg
         self.world = world
+
+    # Loss settings have one owner, the task's Config: a Config field (or property) named ``label_smoothing`` /
+    # ``regression`` / ``metric`` is what the engine uses; tasks never overwrite these on the instance.
+    @property
+    def label_smoothing(self) -> float:
+        return float(getattr(self.cfg, "label_smoothing", 0.0) or 0.0)
+
+    @property
+    def regression(self) -> bool:
+        return bool(getattr(self.cfg, "regression", False))
+
+    @property
+    def is_main(self) -> bool:
+        return self.world is None or self.world.is_main
 
     # -- configuration hooks (class methods: used before the task is built) --------------------------------
     @classmethod
@@ -94,6 +108,11 @@ class Task:
         return {}
 
     # -- the contract -----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Work that must happen once per run before anything is built (training a BPE, writing a vocabulary).
+        The trainer calls it on rank 0 first, then (after a barrier) on the other ranks, which then only load
+        what rank 0 wrote.  Default: nothing."""
+
     def build_model(self, ds_config: dict) -> nn.Module:
         raise NotImplementedError
 
@@ -111,21 +130,33 @@ class Task:
         interval and all ranks and logs numerator / denominator as Train/<name> (e.g. the padding ratio)."""
         return {}
 
+    def example_sizes(self, dataset):
+        """Per-example sizes for token batching (``--train.max_tokens``), or None when the task batches by
+        examples.  An int array [N] (tokens of each example) or [N, K] (e.g. source and target lengths, special
+        tokens included).  engine/data.py sorts by the columns (the first one primary, like fairseq's
+        ordered_indices) and packs batches whose rows x longest column <= max_tokens (fairseq's batch_by_size)."""
+        return None
+
     def num_units(self, batch: dict[str, Tensor]) -> int:
         """Units of one copy of the batch: examples by default; token tasks count non-pad target tokens."""
         return int(next(iter(batch.values())).shape[0])
 
     def loss(self, out: TaskOutput) -> Tensor:
-        from engine import rdrop
         if self.regression:
-            return rdrop.mse_loss(out.logits, out.target, out.pad_mask)
-        return rdrop.nll_loss(out.logits, out.target, out.pad_mask, self.label_smoothing)
+            return losses.mse_loss(out.logits, out.target, out.pad_mask)
+        return losses.nll_loss(out.logits, out.target, out.pad_mask, self.label_smoothing)
 
     def consistency(self, a: TaskOutput, b: TaskOutput) -> Tensor:
-        from engine import rdrop
         if self.regression:
-            return rdrop.mse_consistency(a.logits, b.logits, a.pad_mask)
-        return rdrop.symmetric_kl(a.logits, b.logits, a.pad_mask)
+            return losses.squared_l2(a.logits, b.logits, a.pad_mask)
+        return losses.symmetric_kl(a.logits, b.logits, a.pad_mask)
+
+    def rdrop_terms(self, out: TaskOutput, consistency: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(loss(a) + loss(b), consistency(a, b) or None) for an output computed on a doubled batch.  Override
+        to compute both at once (e.g. a fused, chunked token loss that never holds the full logits)."""
+        a, b = out.split()
+        nll = self.loss(a) + self.loss(b)
+        return nll, (self.consistency(a, b) if consistency else None)
 
     # -- evaluation -------------------------------------------------------------------------------------
     def eval_step(self, out: TaskOutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ from engine import distributed as dist_utils
 from engine.config import ConfigError, RunConfig, dumps
 from engine.monitor import Monitor
 from engine.rdrop import rdrop_loss
-from engine.task import get_task_class, model_has_active_dropout
+from engine.task import model_has_active_dropout
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -92,7 +92,7 @@ class EvalContext:
 class Trainer:
     def __init__(self, cfg: RunConfig, world: dist_utils.World):
         self.cfg, self.world = cfg, world
-        self.task = get_task_class(cfg.task)(cfg, world)
+        self.task = cfg.task_class(cfg, world)
         self.engine = None
         self._datasets: dict = {}
         self.best = None
@@ -112,6 +112,12 @@ class Trainer:
         self.ds = dsc.resolve(dsc.load(cfg.ds_config), cfg, world.world_size, cfg.ds_config, on_cpu)
         self.eval_split = cfg.eval.split or self.task.default_eval_split
 
+        # once-per-run preparation (BPE training, vocabularies): rank 0 first, the others then load its output
+        if world.is_main:
+            self.task.prepare()
+        dist_utils.barrier()
+        if not world.is_main:
+            self.task.prepare()
         dist_utils.seed_everything(cfg.seed)            # identical initial weights on every rank
         model = self.task.build_model(self.ds)
         if cfg.rdrop.mode == "rdrop" and cfg.rdrop.alpha > 0 and not model_has_active_dropout(model):

@@ -103,6 +103,16 @@ class Config(TaskConfig):
     write_predictions: bool = True  # GLUE submission files for the test split at the final evaluation
     skip_malformed: bool = False  # skip TSV rows with a wrong number of fields instead of failing (GLUE's QQP)
 
+    @property
+    def regression(self) -> bool:
+        """STS-B: one output, MSE loss and MSE consistency."""
+        return SPECS[canonical(self.name)].labels is None
+
+    @property
+    def metric(self) -> str:
+        spec = SPECS[canonical(self.name)]
+        return spec.metrics[0] + ("_m" if spec.name == "mnli" else "")
+
     def validate(self) -> None:
         if not self.name and not self.data_dir and canonical(self.dataset) in SPECS:
             self.name = canonical(self.dataset)          # --task.dataset mrpc: GLUE's mrpc from the hub
@@ -366,7 +376,7 @@ def minilm_path() -> str:
 
 class Glue(Task):
     Config = Config
-    metric = "accuracy"
+    metric = property(lambda self: self.cfg.metric)       # the config owns it (it depends on --task.name)
     metric_mode = "max"
     default_eval_split = "valid"
 
@@ -395,9 +405,6 @@ class Glue(Task):
     def __init__(self, run_cfg, world=None):
         super().__init__(run_cfg, world)
         self.spec = SPECS[canonical(self.cfg.name)]
-        self.regression = self.spec.labels is None
-        self.metric = self.spec.metrics[0] + ("_m" if self.spec.name == "mnli" else "")
-        self.metric_mode = "max"
         self.num_labels = 1 if self.regression else len(self.spec.labels)
         self._splits: dict = {}
         self._tokenizer = None

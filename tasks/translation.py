@@ -409,7 +409,6 @@ class Translation(Task):
 
     def __init__(self, run_cfg, world=None):
         super().__init__(run_cfg, world)
-        self.label_smoothing = self.cfg.label_smoothing
         self._splits: dict = {}
         self._raw: dict = {}
         self.src_tok = self.tgt_tok = None
@@ -555,7 +554,7 @@ class Translation(Task):
 
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate(self, ctx, split: str) -> dict[str, float]:
-        from engine import rdrop
+        from engine import losses
         ds = ctx.dataset(split)
         local: dict[str, list] = {"loss": [], "nll": [], "tokens": []}
         with torch.no_grad():
@@ -563,9 +562,9 @@ class Translation(Task):
                 out = self.forward(ctx.model, batch)
                 logits, target, pad = out.logits, out.target, out.pad_mask
                 for k in range(logits.shape[0]):         # per example sums, so gather() can drop shard padding
-                    ls = rdrop.nll_loss(logits[k], target[k], pad[k], self.label_smoothing)
+                    ls = losses.nll_loss(logits[k], target[k], pad[k], self.label_smoothing)
                     local["loss"].append(ls.view(1).cpu())
-                    local["nll"].append(rdrop.nll_loss(logits[k], target[k], pad[k], 0.0).view(1).cpu())
+                    local["nll"].append(losses.nll_loss(logits[k], target[k], pad[k], 0.0).view(1).cpu())
                     local["tokens"].append((~pad[k]).sum().float().view(1).cpu())
         r = ctx.gather(local, len(ds))
         tokens = float(r["tokens"].sum())

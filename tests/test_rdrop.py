@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import rdrop
+from engine import losses, rdrop
 from engine.task import Task, TaskOutput
 
 
@@ -15,42 +15,42 @@ def test_symmetric_kl_matches_hand_computation():
     p, q = [0.7, 0.2, 0.1], [0.5, 0.3, 0.2]
     kl_pq = sum(a * math.log(a / b) for a, b in zip(p, q))
     kl_qp = sum(b * math.log(b / a) for a, b in zip(p, q))
-    assert rdrop.symmetric_kl(la, lb).item() == pytest.approx((kl_pq + kl_qp) / 2, rel=1e-6)
+    assert losses.symmetric_kl(la, lb).item() == pytest.approx((kl_pq + kl_qp) / 2, rel=1e-6)
 
 
 def test_kl_is_masked_and_summed_over_units():
     torch.manual_seed(0)
     a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     mask = torch.tensor([[False, False, True], [False, True, True]])
-    full = rdrop.symmetric_kl(a.reshape(-1, 5), b.reshape(-1, 5)).item()
-    per_unit = [rdrop.symmetric_kl(a[i, j:j + 1], b[i, j:j + 1]).item() for i in range(2) for j in range(3)]
+    full = losses.symmetric_kl(a.reshape(-1, 5), b.reshape(-1, 5)).item()
+    per_unit = [losses.symmetric_kl(a[i, j:j + 1], b[i, j:j + 1]).item() for i in range(2) for j in range(3)]
     assert full == pytest.approx(sum(per_unit), rel=1e-5)
     kept = [per_unit[0], per_unit[1], per_unit[3]]
-    assert rdrop.symmetric_kl(a, b, mask).item() == pytest.approx(sum(kept), rel=1e-5)
+    assert losses.symmetric_kl(a, b, mask).item() == pytest.approx(sum(kept), rel=1e-5)
     # a masked position may hold any garbage, it must not count
     b2 = b.clone()
     b2[0, 2] = 1e4
-    assert rdrop.symmetric_kl(a, b2, mask).item() == pytest.approx(sum(kept), rel=1e-5)
+    assert losses.symmetric_kl(a, b2, mask).item() == pytest.approx(sum(kept), rel=1e-5)
 
 
 def test_nll_label_smoothing_and_mask_hand_computed():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))   # [1, 2, 3]
     target = torch.tensor([[0, 1]])
-    assert rdrop.nll_loss(logits, target).item() == pytest.approx(-math.log(0.5) - math.log(0.8), rel=1e-6)
+    assert losses.nll_loss(logits, target).item() == pytest.approx(-math.log(0.5) - math.log(0.8), rel=1e-6)
     mask = torch.tensor([[False, True]])
-    assert rdrop.nll_loss(logits, target, mask).item() == pytest.approx(-math.log(0.5), rel=1e-6)
+    assert losses.nll_loss(logits, target, mask).item() == pytest.approx(-math.log(0.5), rel=1e-6)
     eps = 0.1
     eps_i = eps / 2
     smooth = -(math.log(0.5) + 2 * math.log(0.25))
     expected = (1 - eps - eps_i) * -math.log(0.5) + eps_i * smooth     # fairseq's label_smoothed_nll_loss
-    assert rdrop.nll_loss(logits, target, mask, eps).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.nll_loss(logits, target, mask, eps).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_mse_loss_and_consistency():
     pred_a, pred_b, y = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0]), torch.tensor([0.0, 2.0])
-    assert rdrop.mse_loss(pred_a, y).item() == pytest.approx(1.0)
-    assert rdrop.mse_consistency(pred_a, pred_b).item() == pytest.approx(0.25 + 1.0)
-    assert rdrop.mse_loss(pred_a.reshape(2, 1), y).item() == pytest.approx(1.0)   # [N, 1] regression head
+    assert losses.mse_loss(pred_a, y).item() == pytest.approx(1.0)
+    assert losses.squared_l2(pred_a, pred_b).item() == pytest.approx(0.25 + 1.0)
+    assert losses.mse_loss(pred_a.reshape(2, 1), y).item() == pytest.approx(1.0)   # [N, 1] regression head
 
 
 class Toy(Task):
