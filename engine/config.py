@@ -56,6 +56,7 @@ class OptimConfig:
 @dataclass
 class RDropConfig:
     mode: str = "rdrop"           # none (baseline) | rdrop | duplicate (doubled batch, no consistency: ablation C.2)
+                                  # | fd (fraternal dropout: squared L2 between the copies' pre-softmax outputs)
     alpha: float = 1.0            # weight of the consistency term, in the paper's units (see engine/rdrop.py)
     alpha_schedule: str = "constant"  # constant | linear_with_lr (alpha * lr_t / peak lr, appendix C.4)
 
@@ -305,7 +306,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--dist.timeout_s must be > 0, got {cfg.dist.timeout_s}")
     if cfg.optim.schedule == "inverse_sqrt" and cfg.optim.warmup_steps == 0:
         raise ConfigError("--optim.schedule inverse_sqrt needs --optim.warmup_steps > 0 (fairseq: 4000)")
-    if cfg.rdrop.mode != "rdrop" and cfg.rdrop.alpha_schedule != "constant":
+    if cfg.rdrop.mode in ("none", "duplicate") and cfg.rdrop.alpha_schedule != "constant":
         raise ConfigError(f"--rdrop.alpha_schedule {cfg.rdrop.alpha_schedule} has no effect with --rdrop.mode "
                           f"{cfg.rdrop.mode}: use --rdrop.mode rdrop or drop the flag")
     if cfg.task_cfg is not None and hasattr(cfg.task_cfg, "validate"):

@@ -22,7 +22,9 @@ Consequences for the paper's alphas:
       alphas of Table 1 carry over;
     - ViT (CE + CE + alpha * (KL + rKL), no halving): their alpha a corresponds to 2a here (0.3 -> 0.6).
 Modes: "none" (baseline: one copy, plain loss), "rdrop", "duplicate" (doubled batch, no consistency term:
-the ablation of appendix C.2; same compute as R-Drop without the KL).
+the ablation of appendix C.2; same compute as R-Drop without the KL), "fd" (fraternal dropout, Zolna et al. 2018,
+the appendix's comparison: the squared L2 distance between the two copies' pre-softmax outputs, summed over
+output dims per unit, same reduction and alpha as R-Drop).
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MODES = ("none", "rdrop", "duplicate")
+MODES = ("none", "rdrop", "duplicate", "fd")
+# the consistency term each mode adds on the doubled batch (None: no term)
+CONSISTENCY = {"rdrop": "kl", "duplicate": None, "fd": "fd"}
 
 
 def double_batch(batch: dict) -> dict:
@@ -57,7 +61,7 @@ def rdrop_loss(task, model, batch: dict, mode: str = "rdrop", alpha: float = 1.0
         nll = task.loss(out)
         return RDropLoss(nll, nll.detach(), torch.zeros((), device=nll.device), 1)
     out = task.forward(model, double_batch(batch))
-    nll, cons = task.rdrop_terms(out, consistency=mode == "rdrop")
+    nll, cons = task.rdrop_terms(out, consistency=CONSISTENCY[mode])
     if cons is None:
         return RDropLoss(nll, nll.detach(), torch.zeros((), device=nll.device), 2)
     return RDropLoss(nll + alpha * cons, nll.detach(), cons.detach(), 2)

@@ -151,12 +151,18 @@ class Task:
             return losses.squared_l2(a.logits, b.logits, a.pad_mask)
         return losses.symmetric_kl(a.logits, b.logits, a.pad_mask)
 
-    def rdrop_terms(self, out: TaskOutput, consistency: bool = True) -> tuple[Tensor, Tensor | None]:
-        """(loss(a) + loss(b), consistency(a, b) or None) for an output computed on a doubled batch.  Override
-        to compute both at once (e.g. a fused, chunked token loss that never holds the full logits)."""
+    def rdrop_terms(self, out: TaskOutput, consistency: str | None = "kl") -> tuple[Tensor, Tensor | None]:
+        """(loss(a) + loss(b), the consistency term or None) for an output computed on a doubled batch.
+        ``consistency``: "kl" = this task's R-Drop term (``consistency``: symmetric KL, MSE for regression),
+        "fd" = fraternal dropout's squared L2 between the pre-softmax outputs, None = no term.  Override to
+        compute both at once (e.g. a fused, chunked token loss that never holds the full logits)."""
         a, b = out.split()
         nll = self.loss(a) + self.loss(b)
-        return nll, (self.consistency(a, b) if consistency else None)
+        if consistency is None:
+            return nll, None
+        if consistency == "fd":
+            return nll, losses.squared_l2(a.logits, b.logits, a.pad_mask)
+        return nll, self.consistency(a, b)
 
     # -- evaluation -------------------------------------------------------------------------------------
     def eval_step(self, out: TaskOutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:

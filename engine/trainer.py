@@ -120,7 +120,7 @@ class Trainer:
             self.task.prepare()
         dist_utils.seed_everything(cfg.seed)            # identical initial weights on every rank
         model = self.task.build_model(self.ds)
-        if cfg.rdrop.mode == "rdrop" and cfg.rdrop.alpha > 0 and not model_has_active_dropout(model):
+        if cfg.rdrop.mode in ("rdrop", "fd") and cfg.rdrop.alpha > 0 and not model_has_active_dropout(model):
             raise ConfigError(f"--rdrop.alpha {cfg.rdrop.alpha} but the model has no active dropout, so the two "
                               "passes agree and R-Drop does nothing: set the task's dropout > 0 or --rdrop.mode none")
         self.batches = data.TrainBatches(self.task, self.dataset("train"), cfg.train.micro_batch_size,

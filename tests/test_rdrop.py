@@ -154,3 +154,16 @@ def test_double_batch_leaves_scalars_and_non_tensors():
     batch = {"x": torch.ones(2, 3), "n": torch.tensor(7), "meta": "keep"}
     d = rdrop.double_batch(batch)
     assert d["x"].shape == (4, 3) and d["n"].item() == 7 and d["meta"] == "keep" and batch["x"].shape == (2, 3)
+
+
+def test_fd_mode_is_squared_l2_between_pre_softmax_outputs():
+    task, model = Toy(_Cfg()), _model()
+    batch = {"x": torch.randn(5, 4), "y": torch.tensor([0, 1, 2, 0, 1])}
+    torch.manual_seed(4)
+    out = rdrop.rdrop_loss(task, model, batch, "fd", alpha=0.5)
+    torch.manual_seed(4)
+    logits = model(torch.cat([batch["x"], batch["x"]]))
+    a, b = logits[:5], logits[5:]
+    fd = ((a - b) ** 2).sum()
+    assert out.copies == 2 and out.consistency.item() == pytest.approx(fd.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.nll.item() + 0.5 * fd.item(), rel=1e-5)
