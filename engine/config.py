@@ -28,6 +28,9 @@ class TrainConfig:
     max_steps: int = 0            # optimizer steps; 0 = run max_epochs epochs
     max_epochs: int = 1           # used only when max_steps == 0
     micro_batch_size: int = 32    # examples per rank per micro-step, BEFORE R-Drop doubles them
+    max_tokens: int = 0           # token batching instead (fairseq's --max-tokens): examples per micro-batch such
+                                  # that rows x longest example <= N, padding included, per rank, before R-Drop
+                                  # doubles them; needs a token task; 0 = micro_batch_size examples
     grad_accum: int = 1           # micro-steps per optimizer step (DeepSpeed owns the accumulation)
     num_workers: int = 0          # DataLoader workers per rank; batches are deterministic whatever this is
     stop_at_step: int = 0         # leave after this step (checkpoint saved) as a preempted job would; the schedule
@@ -273,8 +276,19 @@ def parse_args(argv: list[str]) -> RunConfig:
     for key, val in pairs:
         if "." in key:
             apply(cfg, key, val)
+    _one_batch_owner(cfg)
     validate(cfg)
     return cfg
+
+
+def _one_batch_owner(cfg: RunConfig) -> None:
+    """The batch is set one way: by examples (--train.micro_batch_size) or by tokens (--train.max_tokens)."""
+    mb, mt = "train.micro_batch_size" in cfg.explicit, "train.max_tokens" in cfg.explicit
+    if mb and mt:
+        raise ConfigError("--train.micro_batch_size and --train.max_tokens both set the batch: pass one of them "
+                          "(max_tokens for token batching, micro_batch_size for a fixed number of examples)")
+    if mb and cfg.train.max_tokens:      # the task's default batches by tokens; the user asked for examples
+        cfg.train.max_tokens = 0
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -296,7 +310,7 @@ def validate(cfg: RunConfig) -> None:
                     ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                     ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps),
                     ("train.num_workers", cfg.train.num_workers), ("dist.omp_threads", cfg.dist.omp_threads),
-                    ("train.stop_at_step", cfg.train.stop_at_step)]
+                    ("train.stop_at_step", cfg.train.stop_at_step), ("train.max_tokens", cfg.train.max_tokens)]
     for flag, val in non_negative:
         if val < 0:
             raise ConfigError(f"--{flag} must be >= 0, got {val}")

@@ -6,13 +6,18 @@ with accumulation 2 and two ranks with accumulation 1 see the same examples per 
 sees exactly what the uninterrupted run would have seen.  Augmentation gets a torch.Generator seeded by
 (seed, step, chunk), so it is reproducible whatever the number of DataLoader workers.
 
-Tasks that batch by tokens (translation) provide ``batch_indices(epoch, seed)``: a list of index lists (one per
-micro-batch, before sharding); the same deal-out over ranks and micro-steps applies.
+Token batching (``--train.max_tokens``, fairseq's ``--max-tokens``): the task reports per-example sizes through
+``Task.example_sizes``; :func:`batch_by_size` packs them once per run the way fairseq does (random tie-break, stable
+sort by the size columns, greedy fill while rows x longest example <= max_tokens, padding included), the list of
+batches is reshuffled every epoch with a seed of (seed, epoch), and the same deal-out over ranks and micro-steps
+applies: micro-batch c of a step goes to rank c % world.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.config import ConfigError
@@ -29,21 +34,106 @@ def _perm(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-class TrainBatches:
-    """Micro-batch specs for one rank.  ``steps_per_epoch`` optimizer steps per epoch (the remainder is dropped)."""
+def as_sizes(sizes) -> np.ndarray:
+    """Example sizes as an int64 array [N, K] (K >= 1 columns)."""
+    arr = np.asarray(sizes, dtype=np.int64)
+    return arr.reshape(-1, 1) if arr.ndim == 1 else arr
 
-    def __init__(self, task, dataset, micro: int, accum: int, world_size: int, rank: int, seed: int):
+
+def ordered_indices(sizes, seed: int) -> np.ndarray:
+    """fairseq's LanguagePairDataset.ordered_indices: a seeded random permutation (the tie-break), then stable
+    sorts by the last column, ..., the first column, so the first column is the primary key."""
+    sizes = as_sizes(sizes)
+    order = np.random.RandomState(seed % (2 ** 32)).permutation(len(sizes))
+    for col in reversed(range(sizes.shape[1])):
+        order = order[np.argsort(sizes[order, col], kind="mergesort")]
+    return order
+
+
+def batch_by_size(sizes, max_tokens: int, seed: int, bsz_mult: int = 1) -> list[list[int]]:
+    """fairseq's batch_by_size over ``ordered_indices``: consecutive examples join a batch while
+    (rows + 1) x (longest example so far) <= max_tokens, the longest counted over all size columns (fairseq's
+    num_tokens = max(source, target)).  With ``bsz_mult`` > 1 a full batch is cut to a multiple of it (fairseq's
+    --required-batch-size-multiple) and the rest starts the next one.  An example longer than max_tokens is
+    left out (the caller reports it); every other example is in exactly one batch."""
+    sizes = as_sizes(sizes)
+    num_tokens = sizes.max(axis=1)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in ordered_indices(sizes, seed).tolist():
+        n = int(num_tokens[i])
+        if n > max_tokens:
+            continue
+        if cur and (len(cur) + 1) * max(longest, n) > max_tokens:
+            cut = len(cur) if len(cur) < bsz_mult else len(cur) - len(cur) % bsz_mult
+            batches.append(cur[:cut])
+            cur = cur[cut:]
+            longest = int(num_tokens[cur].max()) if cur else 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def padding_ratio(sizes, batches: list[list[int]]) -> float:
+    """Share of padded positions when every column of a batch is padded to its longest example."""
+    sizes = as_sizes(sizes)
+    real = padded = 0
+    for b in batches:
+        s = sizes[b]
+        real += int(s.sum())
+        padded += len(b) * int(s.max(axis=0).sum())
+    return 1.0 - real / max(padded, 1)
+
+
+class TokenBatches:
+    """The run's token batches (built once from the sizes and the seed), reshuffled per epoch."""
+
+    def __init__(self, sizes, max_tokens: int, seed: int):
+        sizes = as_sizes(sizes)
+        self.batches = batch_by_size(sizes, max_tokens, seed)
+        self.num_examples = len(sizes)
+        self.dropped = int((sizes.max(axis=1) > max_tokens).sum())
+        self.pad_ratio = padding_ratio(sizes, self.batches)
+        self.seed = seed
+        self._cache: tuple = (None, None)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        if self._cache[0] != epoch:
+            batches = list(self.batches)
+            random.Random(self.seed * 100_003 + epoch).shuffle(batches)
+            self._cache = (epoch, batches)
+        return self._cache[1]
+
+
+class TrainBatches:
+    """Micro-batch specs for one rank.  ``steps_per_epoch`` optimizer steps per epoch (the remainder is dropped).
+    ``max_tokens`` > 0 batches by tokens (the task's ``example_sizes``), else by ``micro`` examples."""
+
+    def __init__(self, task, dataset, micro: int, accum: int, world_size: int, rank: int, seed: int,
+                 max_tokens: int = 0):
         self.task, self.dataset, self.micro, self.accum = task, dataset, micro, accum
         self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.custom = hasattr(dataset, "batch_indices")
+        self.tokens: TokenBatches | None = None
         n = len(dataset)
         if n == 0:
             raise ConfigError("the training split is empty: point the task at data with examples")
-        if self.custom:
-            self.steps_per_epoch = len(dataset.batch_indices(0, seed)) // (accum * world_size)
+        if max_tokens:
+            sizes = task.example_sizes(dataset)
+            if sizes is None:
+                raise ConfigError("--train.max_tokens is set but this task batches by examples: use "
+                                  "--train.micro_batch_size N instead")
+            self.tokens = TokenBatches(sizes, max_tokens, seed)
+            if not self.tokens.batches:
+                raise ConfigError(f"every training example is longer than --train.max_tokens {max_tokens}: "
+                                  "raise --train.max_tokens")
+            self.steps_per_epoch = len(self.tokens.batches) // (accum * world_size)
             if self.steps_per_epoch == 0:
-                raise ConfigError("the training split has fewer token batches than ranks x --train.grad_accum: "
-                                  "lower the batch size or use fewer ranks")
+                raise ConfigError(f"the training split makes {len(self.tokens.batches)} token batches, fewer than "
+                                  f"ranks x --train.grad_accum = {accum * world_size}: lower --train.max_tokens or "
+                                  "use fewer ranks")
         else:
             global_batch = micro * accum * world_size
             if n < global_batch:
@@ -63,8 +153,8 @@ class TrainBatches:
     def _step_specs(self, step: int) -> list[BatchSpec]:
         epoch, k = divmod(step, self.steps_per_epoch)
         per_step = self.accum * self.world_size
-        if self.custom:
-            chunks = self.dataset.batch_indices(epoch, self.seed)[k * per_step:(k + 1) * per_step]
+        if self.tokens is not None:
+            chunks = self.tokens.epoch(epoch)[k * per_step:(k + 1) * per_step]
         else:
             perm = self._epoch_perm(epoch)
             start = k * self.micro * per_step

@@ -55,10 +55,14 @@ def resolve(raw: dict, cfg: RunConfig, world_size: int, path: str, on_cpu: bool)
             problems.append(f'{key}={cur!r} in {path} but {flag} gives {value!r}: set it to "auto" in the JSON '
                             f"or pass {flag} {cur}")
 
-    own("train_micro_batch_size_per_gpu", t.micro_batch_size, "--train.micro_batch_size")
+    # Under token batching the number of examples per micro-batch varies; DeepSpeed only uses these two for its
+    # own sample counter, so it counts micro-batches (1 per micro-step).
+    micro = 1 if t.max_tokens else t.micro_batch_size
+    micro_flag = "--train.max_tokens (1 batch per micro-step)" if t.max_tokens else "--train.micro_batch_size"
+    own("train_micro_batch_size_per_gpu", micro, micro_flag)
     own("gradient_accumulation_steps", t.grad_accum, "--train.grad_accum")
-    own("train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
-        "--train.micro_batch_size x --train.grad_accum x world size")
+    own("train_batch_size", micro * t.grad_accum * world_size,
+        f"{micro_flag} x --train.grad_accum x world size")
     own("gradient_clipping", float(cfg.optim.clip_grad), "--optim.clip_grad")
 
     want = optimizer_block(cfg)

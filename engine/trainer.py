@@ -39,30 +39,56 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
 
 
 class EvalContext:
-    """What Task.evaluate gets: the engine (call it like the model), batching and cross-rank gathering, the step
-    and whether this is the run's final evaluation (``final``: where tasks write prediction files)."""
+    """What Task.evaluate gets: the engine (call it like the model) and the evaluation services a task needs, so
+    that no task reaches into the trainer:
+
+    - ``batches(split)`` / ``gather_eval(split)``: one ordinary pass over a split sharded over ranks, results back
+      in dataset order;
+    - ``shard(indices)``: this rank's share of a list of example indices (every rank gets the same number, which
+      ZeRO-3 needs), ``gather(local, n)`` for tensors and ``gather_objects(obj)`` for any picklable per-rank dict;
+    - ``generate(**inputs)``: HF ``generate`` on the unwrapped module, with ZeRO-3's synchronised generation
+      (``synced_gpus``: every rank keeps stepping until all finished, so parameter gathers stay matched) handled
+      here, as HF's Seq2SeqTrainer does;
+    - ``step``, ``final`` (the run's last evaluation: where tasks write prediction files and score whole splits),
+      ``output_dir``, ``world``, ``device``.
+    """
 
     step: int = 0
     final: bool = False
 
     def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
+        self._trainer = trainer
         self.task = trainer.task
         self.world = trainer.world
         self.model = trainer.engine
         self.device = trainer.world.device
         self.output_dir = trainer.cfg.output_dir
+        self.batch_size = trainer.cfg.eval.batch_size
+        self.zero_stage = trainer.stage
+        self._num_workers = trainer.cfg.train.num_workers
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare model (the engine's module), e.g. for HF ``generate``."""
+        return self.model.module if hasattr(self.model, "module") else self.model
 
     def dataset(self, split: str):
-        return self.trainer.dataset(split)
+        return self._trainer.dataset(split)
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """Rank r takes positions r, r + W, ... of ``indices`` padded (by wrapping) to a multiple of W."""
+        W, n = self.world.world_size, len(indices)
+        if n == 0:
+            return []
+        padded = -(-n // W) * W
+        return [indices[i % n] for i in range(self.world.rank, padded, W)]
 
     def batches(self, split: str):
-        """This rank's eval batches (on device) and how many of the split's examples exist."""
+        """This rank's eval batches (on device) in shard order; ``gather`` puts the results back in order."""
         ds = self.dataset(split)
-        specs, _ = data.eval_specs(len(ds), self.trainer.cfg.eval.batch_size, self.world.world_size,
-                                   self.world.rank)
+        specs, _ = data.eval_specs(len(ds), self.batch_size, self.world.world_size, self.world.rank)
         collate = lambda spec: self.task.collate([ds[i] for i in spec.indices], None)  # noqa: E731
-        for batch in data.loader(specs, collate, self.trainer.cfg.train.num_workers):
+        for batch in data.loader(specs, collate, self._num_workers):
             yield to_device(batch, self.device)
 
     def gather(self, local: dict[str, list], n: int) -> dict[str, torch.Tensor]:
@@ -77,6 +103,24 @@ class EvalContext:
             stacked = torch.stack([p[k] for p in parts], dim=1)  # [per_rank, W, ...]
             out[k] = stacked.reshape(-1, *stacked.shape[2:])[:n]
         return out
+
+    def gather_objects(self, obj: dict) -> dict:
+        """Every rank's dict merged into one (on every rank); later ranks win on equal keys."""
+        if self.world.world_size == 1:
+            return dict(obj)
+        parts = [None] * self.world.world_size
+        torch.distributed.all_gather_object(parts, obj)
+        merged: dict = {}
+        for p in parts:
+            merged.update(p)
+        return merged
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.Tensor:
+        """``module.generate(**kwargs)``; under ZeRO-3 with several ranks, synchronised so that a rank that
+        finishes early keeps joining the parameter gathers of the others."""
+        synced = self.world.world_size > 1 and self.zero_stage == 3
+        return self.module.generate(synced_gpus=synced, **kwargs)
 
     @torch.no_grad()
     def gather_eval(self, split: str) -> dict[str, torch.Tensor]:
@@ -124,7 +168,14 @@ class Trainer:
             raise ConfigError(f"--rdrop.alpha {cfg.rdrop.alpha} but the model has no active dropout, so the two "
                               "passes agree and R-Drop does nothing: set the task's dropout > 0 or --rdrop.mode none")
         self.batches = data.TrainBatches(self.task, self.dataset("train"), cfg.train.micro_batch_size,
-                                         cfg.train.grad_accum, world.world_size, world.rank, cfg.seed)
+                                         cfg.train.grad_accum, world.world_size, world.rank, cfg.seed,
+                                         cfg.train.max_tokens)
+        tok = self.batches.tokens
+        if tok is not None and world.is_main:
+            print(f"[engine] token batches: {len(tok.batches)} of <= {cfg.train.max_tokens} tokens over "
+                  f"{tok.num_examples - tok.dropped} examples, padding ratio {tok.pad_ratio:.3f}"
+                  + (f"; {tok.dropped} examples longer than --train.max_tokens left out" if tok.dropped else ""),
+                  flush=True)
         self.total_steps = cfg.train.max_steps or self.batches.steps_per_epoch * cfg.train.max_epochs
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -225,7 +276,8 @@ class Trainer:
         t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
         engine.train()
         for group in self.micro_batches(self.start_step):
-            want_norm = self.stage == 0 and log_every and (step + 1) % log_every == 0
+            will_log = bool(log_every) and ((step + 1) % log_every == 0 or step + 1 >= self.total_steps)
+            want_norm = self.stage == 0 and will_log
             alpha, lr = self.alpha(), self.current_lr()      # what this step uses (the scheduler steps inside)
             step_dev, step_host, norm0 = self.train_step(group, alpha, want_norm)
             dev_sums += step_dev
@@ -233,7 +285,7 @@ class Trainer:
             grad_norm = norm0 if norm0 is not None else grad_norm
             step += 1
             self.monitor.advance()
-            if log_every and step % log_every == 0:
+            if will_log:                     # every log_every steps, and always the run's last step
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else grad_norm
                 names = sorted(self._stats)      # the same names on every rank: tasks report them per batch

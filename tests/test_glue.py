@@ -106,7 +106,7 @@ def test_primary_metric_per_task():
         task = make_task("--task.name", name)
         assert (task.metric, task.metric_mode) == (metric, "max")
         assert task.regression == (name == "stsb") and task.num_labels == {"stsb": 1, "mnli": 3}.get(name, 2)
-    assert glue.TASK.metric == "accuracy"                   # per instance, the class is untouched
+        assert (task.cfg.metric, task.cfg.regression) == (metric, name == "stsb")   # one owner: the task's Config
 
 
 def test_consistency_mse_for_stsb_kl_for_classification():

@@ -17,7 +17,9 @@ import torch
 
 from engine.config import ConfigError
 from engine.task import TaskOutput
+from engine import data
 from models import transformer_mt as mt
+from tasks import _seq2seq, _text
 from tasks import translation as tr
 from tests.helpers import free_port
 
@@ -55,21 +57,33 @@ def test_bpe_round_trip_on_multi30k():
     assert sum(len(e.ids) for e in encs) > sum(len(line.split()) for line in held_out)   # subwords were split
 
 
+def _task_for(tmp_path, **kw):
+    from engine.config import RunConfig
+    rc = RunConfig(task="translation", output_dir=str(tmp_path / "run"), ds_config="x")
+    rc.task_cfg = _cfg(cache_dir=str(tmp_path / "cache"), **kw)
+    return tr.Translation(rc, None)
+
+
 @needs_data
 def test_bpe_cache_is_keyed_by_data_and_settings(tmp_path):
-    src, tgt = _lines("train", "de", 300), _lines("train", "en", 300)
-    c = _cfg(vocab_size=300)
-    _, _, f1, k1 = tr.prepare_bpe(src, tgt, c, str(tmp_path), True)
+    def prepared(**kw):
+        task = _task_for(tmp_path, **kw)
+        task.prepare()                      # rank 0's once-per-run step: trains or finds the cached BPE
+        s, t = task.tokenizers()
+        return s, t, task.tok_folder, task.tok_key
+    _, _, f1, k1 = prepared(vocab_size=300, max_train_examples=300)
     mtime = os.path.getmtime(os.path.join(f1, "tokenizer.json"))
-    _, _, f1b, _ = tr.prepare_bpe(src, tgt, c, str(tmp_path), True)          # cached: not retrained
+    _, _, f1b, _ = prepared(vocab_size=300, max_train_examples=300)          # cached: not retrained
     assert f1b == f1 and os.path.getmtime(os.path.join(f1, "tokenizer.json")) == mtime
-    _, _, f2, k2 = tr.prepare_bpe(src, tgt, _cfg(vocab_size=400), str(tmp_path), True)
-    _, _, f3, k3 = tr.prepare_bpe(src[:-1], tgt[:-1], c, str(tmp_path), True)
+    _, _, f2, k2 = prepared(vocab_size=400, max_train_examples=300)
+    _, _, f3, k3 = prepared(vocab_size=300, max_train_examples=299)
     assert len({k1, k2, k3}) == 3
-    s, t, f4, _ = tr.prepare_bpe(src, tgt, _cfg(vocab_size=300, joint_vocab=False, share_all_embeddings=False),
-                                 str(tmp_path), True)
+    s, t, f4, _ = prepared(vocab_size=300, max_train_examples=300, joint_vocab=False, share_all_embeddings=False)
     assert sorted(p for p in os.listdir(f4) if p.startswith("tokenizer")) == ["tokenizer.de.json", "tokenizer.en.json"]
     assert s.get_vocab() != t.get_vocab()
+    # a rank that cannot see rank 0's cache is told so in one line
+    with pytest.raises(ConfigError, match="not complete on this rank"):
+        _task_for(tmp_path, vocab_size=500, max_train_examples=300).tokenizers()
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -78,23 +92,26 @@ def test_bpe_cache_is_keyed_by_data_and_settings(tmp_path):
 def test_token_batches_never_exceed_max_tokens():
     src, tgt = _lines("train", "de", 1500), _lines("train", "en", 1500)
     tok = tr.train_bpe(src + tgt, 800)
-    ds = tr.TranslationSplit(tr.encode(tok, src), tr.encode(tok, tgt), src, tgt, max_tokens=300)
-    batches = ds.batch_indices(0, seed=3)
+    ds = _seq2seq.PairSplit(_text.encode(tok, src), _text.encode(tok, tgt), src, tgt)
+    sizes = _task().example_sizes(ds)
+    assert sizes[0] == (len(ds.src_ids[0]) + 1, len(ds.tgt_ids[0]) + 1)        # </s> counted
+    tb = data.TokenBatches(sizes, 300, seed=3)
+    batches = tb.epoch(0)
     assert sorted(i for b in batches for i in b) == list(range(len(ds)))    # every pair exactly once
     for b in batches:
-        batch = tr.collate_pairs([ds[i] for i in b])
+        batch = tr.LAYOUT.collate([ds[i] for i in b])
         assert batch["input_ids"].numel() <= 300 and batch["labels"].numel() <= 300   # padding included
         assert batch["decoder_input_ids"].shape == batch["labels"].shape
-    sizes = [len(b) for b in batches]
-    assert max(sizes) > 10 * min(sizes) or len(set(sizes)) > 3              # length-bucketed, not fixed-size
-    assert 0 <= ds.pad_ratio < 0.2                                          # sorted by length: little padding
-    again = ds.batch_indices(1, seed=3)
+    counts = [len(b) for b in batches]
+    assert max(counts) > 10 * min(counts) or len(set(counts)) > 3           # length-bucketed, not fixed-size
+    assert 0 <= tb.pad_ratio < 0.2                                          # sorted by length: little padding
+    again = tb.epoch(1)
     assert sorted(map(tuple, again)) == sorted(map(tuple, batches)) and again != batches   # reshuffled per epoch
-    assert ds.batch_indices(0, seed=3) == batches                           # deterministic
+    assert data.TokenBatches(sizes, 300, seed=3).epoch(0) == batches         # deterministic
 
 
 def test_collate_layout_is_fairseqs():
-    b = tr.collate_pairs([([10, 11, 12], [20, 21]), ([13], [22, 23, 24])])
+    b = tr.LAYOUT.collate([([10, 11, 12], [20, 21]), ([13], [22, 23, 24])])
     assert b["input_ids"].tolist() == [[10, 11, 12, 2], [13, 2, 1, 1]]
     assert b["decoder_input_ids"].tolist() == [[2, 20, 21, 1], [2, 22, 23, 24]]
     assert b["labels"].tolist() == [[20, 21, 2, 1], [22, 23, 24, 2]]
@@ -201,11 +218,29 @@ def test_bleu_matches_sacrebleus_documented_example():
     assert tr.bleu_scores(refs[0], refs[0])["bleu_tok"] == pytest.approx(100.0)
 
 
+def test_tokenized_bleu_equals_moses_multi_bleu():
+    """bleu_tok is the number fairseq reports: Moses tokenizer.perl, then multi-bleu.perl.  The expected values come
+    from mosesdecoder's own scripts on these lines: `tokenizer.perl -l en < X > X.tok` for both files, then
+    `multi-bleu.perl ref.tok < hyp.tok` -> BLEU = 49.71, 80.8/58.6/43.5/29.6 (BP=1.000, ratio=1.040)."""
+    hyps = ["The dog bit the man.", "It wasn't surprising, was it?", "The man had just bitten him.",
+            'A 10-year-old boy plays "soccer" on the grass.', "Two women, one in red, walk down the street & talk.",
+            "He said: it's the dog's bone!", "A group of people are standing in front of an igloo.",
+            "The cat sat on the mat (quietly)."]
+    refs = ["The dog bit the man.", "It was not unexpected, was it?", "The man bit him first.",
+            'A ten-year-old boy is playing "soccer" on grass.',
+            "Two women, one wearing red, walk along the street & chat.", "He said: it's the dog's own bone!",
+            "A group of people standing in front of an igloo.", "The cat sat quietly on the mat."]
+    assert tr.moses_tokenize(hyps[1:2], "en") == ["It wasn &apos;t surprising , was it ?"]   # tokenizer.perl's
+    assert round(tr.bleu_scores(hyps, refs)["bleu_tok"], 2) == 49.71
+    assert round(tr.bleu_scores(hyps, refs)["bleu"], 2) != 49.71        # the detokenized score is another number
+
+
 def test_compound_splitting_rule():
     assert tr.compound_split("das 10-jährige Kind , Ost-West") == \
         "das 10 ##AT##-##AT## jährige Kind , Ost ##AT##-##AT## West"
     assert tr.compound_split("a - b") == "a - b"
-    hyp, ref = ["ein Ost-West Abkommen"], ["ein Nord-West Abkommen"]
+    hyp, ref = ["ein Ost-West Abkommen wurde heute in der Stadt unterzeichnet ."], \
+        ["ein Nord-West Abkommen wurde heute in der Stadt unterzeichnet ."]
     plain = tr.bleu_scores(hyp, ref)["bleu_tok"]
     split = tr.bleu_scores(hyp, ref, split_compounds=True)["bleu_tok"]
     assert split > plain                                     # the shared "West" now matches
@@ -253,7 +288,7 @@ def two_rank_run(tmp_path_factory):
            "--task", "translation", "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json",
            "--task.data_dir", str(DATA), "--task.source_lang", "de", "--task.target_lang", "en",
            "--task.model", "tiny", "--task.vocab_size", "600", "--task.max_train_examples", "1200",
-           "--task.max_tokens", "600", "--task.eval_bleu_max_examples", "24", "--task.beam", "2",
+           "--train.max_tokens", "600", "--task.final_gen_examples", "24", "--task.beam", "2",
            "--optim.impl", "torch", "--optim.lr", "2e-3", "--optim.warmup_steps", "2", "--train.max_steps", "4",
            "--checkpoint.every_steps", "2", "--log.every_steps", "1", "--log.progress", "false",
            "--eval.batch_size", "8", "--rdrop.alpha", "5", "--dist.omp_threads", "1"]
@@ -274,8 +309,9 @@ def test_two_rank_rdrop_run(two_rank_run):
     assert cfg["world_size"] == 2 and cfg["rdrop"]["mode"] == "rdrop"
     assert (cfg["optim"]["name"], cfg["optim"]["beta2"], cfg["optim"]["eps"]) == ("adamw", 0.98, 1e-9)
     assert ev["gen_examples"] == 24 and ev["bleu"] >= 0 and math.isfinite(ev["nll"])
-    assert 0 <= ev["train_pad_ratio"] < 0.5
-    assert "padding ratio" in log and "trained BPE" in log
+    assert "padding ratio" in log and log.count("trained BPE") == 1         # once, by rank 0 (Task.prepare)
+    hyp_file = out / "predictions" / "val.hyp"                                # written at the final evaluation
+    assert hyp_file.is_file() and len(hyp_file.read_text().splitlines()) == 24
     assert (out / "hf_model" / "tokenizer.json").is_file() and (out / "hf_model" / "translation.json").is_file()
     assert not list(DATA.glob("*.json")) and not (DATA / "bpe").exists()    # the shared data stays read-only
 
@@ -296,9 +332,9 @@ def test_translate_command_produces_output(two_rank_run, tmp_path):
     assert score["sentences"] == 6 and 0 <= score["bleu"] <= 100
     # in-process: the same model and batching reproduce the command's output (output order = input order even
     # though batches are length-sorted; the length limit a * longest source + b is per batch, as in fairseq)
-    model, s_tok, t_tok, _ = tr.load_bundle(str(out / "hf_model"))
-    assert tr.translate_lines(model, s_tok, t_tok, src, 3, 1.0, 1.2, 10, batch_size=64) == hyps
-    rev = tr.translate_lines(model, s_tok, t_tok, src[::-1], 3, 1.0, 1.2, 10, batch_size=64)
+    bundle = tr.load_bundle(str(out / "hf_model"))
+    assert _seq2seq.generate_lines(bundle, src, 3, 1.0, 1.2, 10, batch_size=64) == hyps
+    rev = _seq2seq.generate_lines(bundle, src[::-1], 3, 1.0, 1.2, 10, batch_size=64)
     assert rev[::-1] == hyps
     # beam 0: one line, exit 2
     r = subprocess.run([sys.executable, "-m", "tasks.translation", "translate", "--model", str(out / "hf_model"),
@@ -331,14 +367,14 @@ def test_average_checkpoints(two_rank_run, tmp_path):
     out, _ = two_rank_run
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     root = str(out / "checkpoints")
-    assert tr.checkpoint_tags(root, last=2) == ["global_step2", "global_step4"]
+    assert _seq2seq.checkpoint_tags(root, last=2) == ["global_step2", "global_step4"]
     r = subprocess.run([sys.executable, "-m", "tasks.translation", "average", "--checkpoints", root, "--last", "2",
                         "--output", str(tmp_path / "avg")], cwd=REPO, env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a = get_fp32_state_dict_from_zero_checkpoint(root, tag="global_step2")
     b = get_fp32_state_dict_from_zero_checkpoint(root, tag="global_step4")
-    model, _, _, _ = tr.load_bundle(str(tmp_path / "avg"))
+    model = tr.load_bundle(str(tmp_path / "avg")).model
     sd = model.state_dict()
     key = "model.encoder.layers.0.fc1.weight"
     assert not torch.equal(a[key], b[key])
