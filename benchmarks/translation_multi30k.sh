@@ -22,9 +22,9 @@ for MODE in none rdrop; do
   START=$(date +%s.%N)
   nice -n 10 python -m engine.train --task translation --output_dir "$RUN" --ds_config ds_configs/zero2.json \
     --task.data_dir "$DATA" --task.source_lang de --task.target_lang en \
-    --task.model mini --task.vocab_size 4000 --task.cache_dir "$OUT/bpe" --task.max_tokens 1024 \
+    --task.model mini --task.vocab_size 4000 --task.cache_dir "$OUT/bpe" --train.max_tokens 1024 \
     --optim.impl torch --optim.lr 2e-3 --optim.warmup_steps $((STEPS / 4)) --train.max_steps "$STEPS" --seed 1 \
-    --rdrop.mode "$MODE" --rdrop.alpha 5 --task.eval_bleu false --log.every_steps 10 --log.progress false \
+    --rdrop.mode "$MODE" --rdrop.alpha 5 --task.eval_generate false --log.every_steps 10 --log.progress false \
     --checkpoint.save_best false > "$RUN.log" 2>&1
   END=$(date +%s.%N)
   nice -n 10 python -m tasks.translation translate --model "$RUN/hf_model" --input "$OUT/test.de" \

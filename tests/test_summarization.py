@@ -1,0 +1,258 @@
+"""Summarization task: BART layout, the masked loss, ROUGE and sentence splitting, BART parameter counts, data
+errors, and one real 2-rank R-Drop run through the `deepspeed` launcher on SAMSum (tiny BART) that feeds the resume,
+summarize and average tests."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import ConfigError, RunConfig
+from engine.task import TaskOutput
+from models import bart
+from tasks import _seq2seq
+from tasks import summarization as sm
+from tests.helpers import ROOT, env, free_port, load_weights
+
+DATA = ROOT.parent / "shared" / "data"
+SAMSUM = DATA / "samsum"
+XSUM = DATA / "xsum"
+needs_data = pytest.mark.skipif(not (SAMSUM / "samsum-train.csv.gz").is_file(), reason="../shared/data/samsum absent")
+
+
+def _task(tmp_path=None, **kw):
+    rc = RunConfig(task="summarization", output_dir=str(tmp_path or "/nonexistent"), ds_config="x")
+    rc.task_cfg = sm.Config(**kw)
+    return sm.Summarization(rc, None)
+
+
+# ------------------------------------------------------------------------------------------------ layout and loss
+
+def test_collate_is_barts_layout():
+    """<s> x </s> for the encoder, labels <s> y </s>, decoder input = labels shifted right after </s> -- exactly what
+    HF's shift_tokens_right builds from the labels with decoder_start_token_id = </s>."""
+    from transformers.models.bart.modeling_bart import shift_tokens_right
+    b = sm.BART_LAYOUT.collate([([10, 11, 12], [20, 21]), ([13], [22, 23, 24])])
+    assert b["input_ids"].tolist() == [[0, 10, 11, 12, 2], [0, 13, 2, 1, 1]]
+    assert b["labels"].tolist() == [[0, 20, 21, 2, 1], [0, 22, 23, 24, 2]]
+    assert b["decoder_input_ids"].tolist() == [[2, 0, 20, 21, 1], [2, 0, 22, 23, 24]]
+    hf = shift_tokens_right(b["labels"], 1, 2)
+    keep = b["labels"].ne(1)             # HF shifts the last eos into a padded position, whose label is ignored
+    assert torch.equal(b["decoder_input_ids"][keep], hf[keep])
+    assert b["attention_mask"].tolist() == [[True] * 5, [True, True, True, False, False]]
+    assert sm.BART_LAYOUT.strip([2, 0, 20, 21, 2, 1, 1]) == [20, 21]          # generated row -> content ids
+
+
+def test_loss_and_units_by_hand():
+    task = _task(label_smoothing=0.1)
+    logits = torch.tensor([[[1.0, 0.0, 2.0], [0.5, 0.5, 0.0], [3.0, 3.0, 3.0]]])
+    labels = torch.tensor([[2, 0, 1]])                  # the last position is <pad> (id 1)
+    out = TaskOutput(logits, labels, labels.eq(1))
+    eps, V = 0.1, 3
+    expected = 0.0
+    for row, y in ((logits[0, 0], 2), (logits[0, 1], 0)):
+        lp = row - torch.logsumexp(row, 0)
+        expected += (1 - eps - eps / (V - 1)) * -lp[y] + eps / (V - 1) * -lp.sum()
+    assert task.loss(out).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert task.num_units({"labels": labels}) == 2
+    b = TaskOutput(logits.flip(-1), labels, labels.eq(1))
+    kl = 0.0
+    for k in range(2):
+        p, q = logits[0, k].log_softmax(0), logits[0, k].flip(0).log_softmax(0)
+        kl += ((p.exp() * (p - q)).sum() + (q.exp() * (q - p)).sum()) / 2
+    assert task.consistency(out, b).item() == pytest.approx(kl.item(), rel=1e-5)   # pads masked
+
+
+# ------------------------------------------------------------------------------------------------ ROUGE
+
+def test_rouge_matches_rouge_score_and_scales_by_100():
+    from rouge_score import rouge_scorer
+    hyps = ["The cat sat on the mat. It was happy!", "Police arrested two men on Friday."]
+    refs = ["A cat was sitting on the mat. The cat was happy.", "Two men were arrested by police."]
+    got = sm.rouge_scores(hyps, refs)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    split = [("A cat was sitting on the mat.\nThe cat was happy.", "The cat sat on the mat.\nIt was happy!"),
+             ("Two men were arrested by police.", "Police arrested two men on Friday.")]
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        want = 100 * sum(scorer.score(r, h)[key].fmeasure for r, h in split) / 2
+        assert got[key] == pytest.approx(want, abs=1e-9)
+    assert got["rougeLsum"] != got["rougeL"]             # Lsum really works per sentence
+    assert sm.rouge_scores(refs, refs)["rouge2"] == pytest.approx(100.0)
+    assert 0 < got["rouge2"] < got["rouge1"] < 100
+
+
+def test_sentence_splitting_for_rouge_lsum():
+    assert sm.split_sentences("Hi there. How are you? Fine!") == ["Hi there.", "How are you?", "Fine!"]
+    assert sm.split_sentences("Line one\nLine two. Two b") == ["Line one", "Line two.", "Two b"]
+    assert sm.split_sentences("Mr.Smith paid 3.5 dollars.") == ["Mr.Smith paid 3.5 dollars."]   # no space: no split
+    assert sm.split_sentences("") == []
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+@pytest.mark.parametrize("preset", ["bart_base", "bart_large", "bart_small", "bart_tiny"])
+def test_bart_parameter_counts_match_fairseq(preset):
+    from transformers import BartForConditionalGeneration
+    c = bart.bart_config(preset, 50265)
+    with torch.device("meta"):
+        model = BartForConditionalGeneration(c)
+    assert sum(p.numel() for p in model.parameters()) == bart.fairseq_num_params(preset, 50265)
+    assert model.lm_head.weight is model.model.shared.weight                  # tied output projection
+    if preset == "bart_large":
+        assert bart.fairseq_num_params(preset, 50265) == 406_291_456          # facebook/bart-large's count
+    assert (c.dropout, c.attention_dropout, c.activation_function, c.max_position_embeddings) == \
+        (0.1, 0.1, "gelu", 1024)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@needs_data
+def test_samsum_and_xsum_read_with_their_columns(tmp_path):
+    task = _task(tmp_path, data_dir=str(SAMSUM), source_column="dialogue")
+    src, tgt = task.raw("valid")
+    assert len(src) == 818 and "\n" in src[0] and tgt[0]
+    task = _task(tmp_path, data_dir=str(SAMSUM), source_column="dialogue")
+    src, _ = task.raw("train")
+    assert len(src) == 14731                                  # 14,732 rows, one with an empty dialogue dropped
+    task = _task(tmp_path, data_dir=str(XSUM))
+    assert len(task.raw("train")[0]) == 800 and len(task.raw("test")[0]) == 100
+
+
+def test_bad_data_is_one_line(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "train.jsonl").write_text(json.dumps({"document": "a b c", "summary": "a"}) + "\n{not json\n")
+    with pytest.raises(ConfigError, match=r"train.jsonl line 2 is not valid JSON") as e:
+        _task(tmp_path, data_dir=str(d)).raw("train")
+    assert "\n" not in str(e.value)
+    (d / "train.jsonl").write_text(json.dumps({"text": "a b c", "summary": "a"}) + "\n")
+    with pytest.raises(ConfigError, match=r"no field 'document'.*column flag"):
+        _task(tmp_path, data_dir=str(d)).raw("train")
+    with pytest.raises(ConfigError, match=r"no validation file"):
+        _task(tmp_path, data_dir=str(d)).raw("valid")
+    with gzip.open(d / "x-test.csv.gz", "wb") as f:
+        f.write("document,summary\nGr\xfc\xdfe,x\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not valid UTF-8 .*re-encode"):
+        _task(tmp_path, data_dir=str(d)).raw("test")
+    (d / "train.csv").write_text("document,summary\nsome text,\n,only a summary\nreal text,a summary\n")
+    (d / "train.jsonl").unlink()
+    src, tgt = _task(tmp_path, data_dir=str(d)).raw("train")  # empty sides dropped (and counted), no crash
+    assert (src, tgt) == (["real text"], ["a summary"])
+    for bad, match in [(dict(model="t5"), "preset"), (dict(model="bart_small", pretrained="x"), "bart_base"),
+                       (dict(long_train_examples="cut"), "drop or truncate"), (dict(beam=0), "beam")]:
+        with pytest.raises(ConfigError, match=match):
+            sm.Config(data_dir=str(d), **bad).validate()
+
+
+@needs_data
+def test_long_sources_are_truncated_and_counted(tmp_path, capsys):
+    task = _task(tmp_path, data_dir=str(XSUM), max_train_examples=50, vocab_size=300, max_source_positions=64,
+                 max_target_positions=16, cache_dir=str(tmp_path / "bpe"))
+    task.prepare()
+    ds = task.build_dataset("train")
+    assert len(ds) == 50 and max(len(s) for s in ds.src_ids) == 62 and max(len(t) for t in ds.tgt_ids) <= 14
+    assert "truncated" in capsys.readouterr().out
+    sizes = task.example_sizes(ds)
+    assert max(s for s, _ in sizes) == 64                      # <s> + 62 + </s>: within the model's positions
+
+
+# ------------------------------------------------------------------------------------------------ a real run
+
+ARGS = ["--task", "summarization", "--ds_config", "ds_configs/zero2.json", "--task.data_dir", str(SAMSUM),
+        "--task.source_column", "dialogue", "--task.model", "bart_tiny", "--task.vocab_size", "500",
+        "--task.max_train_examples", "600", "--task.max_source_positions", "128", "--task.max_target_positions",
+        "32", "--task.final_gen_examples", "16", "--task.eval_gen_examples", "8", "--task.max_len_b", "12",
+        "--task.beam", "2", "--train.max_tokens", "1024", "--optim.impl", "torch", "--optim.lr", "2e-3",
+        "--optim.warmup_steps", "2", "--train.max_steps", "4", "--checkpoint.every_steps", "2",
+        "--eval.every_steps", "2", "--log.every_steps", "1", "--log.progress", "false", "--eval.batch_size", "8",
+        "--rdrop.alpha", "0.7", "--dist.omp_threads", "1"]
+
+
+def _deepspeed(args, timeout=600):
+    cmd = [sys.executable, str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(free_port()), "--module", "engine.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def samsum_run(tmp_path_factory):
+    if not (SAMSUM / "samsum-train.csv.gz").is_file():
+        pytest.skip("../shared/data/samsum not present")
+    root = tmp_path_factory.mktemp("sum")
+    full, part = root / "full", root / "part"
+    r = _deepspeed(ARGS + ["--output_dir", str(full)])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    # the same run, stopped after step 2 as a preempted job would be, then resumed
+    r2 = _deepspeed(ARGS + ["--output_dir", str(part), "--train.stop_at_step", "2"])
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-4000:]
+    r3 = _deepspeed(ARGS + ["--output_dir", str(part), "--resume", "auto"])
+    assert r3.returncode == 0, (r3.stdout + r3.stderr)[-4000:]
+    return full, part, r.stdout + r.stderr
+
+
+def test_two_rank_rdrop_run_reports_rouge(samsum_run):
+    full, _, log = samsum_run
+    records = [json.loads(line) for line in open(full / "metrics.jsonl")]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["consistency"] > 0 for r in train)
+    assert all(r["loss"] > r["nll"] and math.isfinite(r["loss"]) for r in train)
+    assert [e["gen_examples"] for e in evals] == [8, 16]       # bounded during training, final subset at the end
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "nll", "ppl"):
+        assert math.isfinite(evals[-1][key]) and evals[-1][key] >= 0
+    assert log.count("trained BPE") == 1 and "token batches" in log
+    cfg = json.load(open(full / "config.json"))
+    assert cfg["world_size"] == 2 and cfg["rdrop"]["alpha"] == 0.7 and cfg["train"]["max_tokens"] == 1024
+    hyp = (full / "predictions" / "validation.hyp").read_text().splitlines()
+    assert len(hyp) == 16
+    assert (full / "hf_model" / "summarization.json").is_file() and (full / "checkpoints" / "best").is_dir()
+
+
+def test_resume_equals_uninterrupted_run(samsum_run):
+    full, part, _ = samsum_run
+    a = [r for r in map(json.loads, open(full / "metrics.jsonl")) if r["kind"] == "train"]
+    b = [r for r in map(json.loads, open(part / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["loss"] == y["loss"] and x["consistency"] == y["consistency"]
+    wa, wb = load_weights(full), load_weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_summarize_command_on_the_export(samsum_run, tmp_path):
+    full, _, _ = samsum_run
+    r = subprocess.run([sys.executable, "-m", "tasks.summarization", "summarize", "--model", str(full / "hf_model"),
+                        "--input", str(SAMSUM / "samsum-test.csv.gz"), "--column", "dialogue", "--reference_column",
+                        "summary", "--output", str(tmp_path / "out.txt"), "--beam", "2", "--max_len_b", "8"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = (tmp_path / "out.txt").read_text().splitlines()
+    assert len(out) == 819
+    score = json.loads([line for line in r.stderr.splitlines() if line.startswith("{")][-1])
+    assert set(score) >= {"rouge1", "rouge2", "rougeL", "rougeLsum"} and score["sentences"] == 819
+    # in-process through the same bundle: same output for the first lines
+    bundle = _seq2seq.load_bundle(sm.Summarization, str(full / "hf_model"))
+    from tasks import _text
+    docs = _text.read_table(str(SAMSUM / "samsum-test.csv.gz"), ["dialogue"])["dialogue"][:5]
+    assert _seq2seq.generate_lines(bundle, docs, 2, 1.0, 0.0, 8) == out[:5]
+    r = subprocess.run([sys.executable, "-m", "tasks.summarization", "summarize", "--model", str(full / "hf_model"),
+                        "--input", str(SAMSUM / "samsum-test.csv.gz")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--column" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_average_best_checkpoints_by_rouge(samsum_run, tmp_path):
+    full, _, _ = samsum_run
+    assert _seq2seq.checkpoint_tags(str(full / "checkpoints"), best=1, metric="rougeL")[0].startswith("global_step")
+    r = subprocess.run([sys.executable, "-m", "tasks.summarization", "average", "--checkpoints",
+                        str(full / "checkpoints"), "--last", "2", "--output", str(tmp_path / "avg")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = _seq2seq.load_bundle(sm.Summarization, str(tmp_path / "avg")).model
+    assert model.lm_head.weight is model.model.shared.weight
