@@ -518,7 +518,7 @@ def average_state_dicts(state_dicts: list[dict]) -> dict:
 
 
 def _generate_cmd(task_cls, args) -> int:
-    if args.beam < 1:
+    if args.beam is not None and args.beam < 1:
         raise ConfigError(f"--beam must be >= 1, got {args.beam}: pass --beam 5")
     if not os.path.isfile(args.input):
         raise ConfigError(f"--input {args.input} does not exist: pass a text file (one input a line) or a "
@@ -535,7 +535,8 @@ def _generate_cmd(task_cls, args) -> int:
     bundle = load_bundle(task_cls, args.model)
     m = bundle.settings
     pick = lambda flag, key: m[key] if getattr(args, flag) is None else getattr(args, flag)  # noqa: E731
-    hyps = generate_lines(bundle, lines, args.beam, pick("lenpen", "lenpen"), pick("max_len_a", "max_len_a"),
+    beam = pick("beam", "beam")
+    hyps = generate_lines(bundle, lines, beam, pick("lenpen", "lenpen"), pick("max_len_a", "max_len_a"),
                           pick("max_len_b", "max_len_b"), args.batch_size, pick("min_len", "min_len"),
                           pick("no_repeat_ngram_size", "no_repeat_ngram_size"))
     if args.output:
@@ -550,7 +551,7 @@ def _generate_cmd(task_cls, args) -> int:
             raise ConfigError(f"misaligned files: {args.input} has {len(hyps)} lines but {args.reference} has "
                               f"{len(refs)}: give line-aligned files")
         scores = task_cls.score_exported(m, hyps, refs)
-        print(json.dumps({**{k: round(v, 2) for k, v in scores.items()}, "sentences": len(hyps), "beam": args.beam,
+        print(json.dumps({**{k: round(v, 2) for k, v in scores.items()}, "sentences": len(hyps), "beam": beam,
                           "lenpen": pick("lenpen", "lenpen")}), file=sys.stderr, flush=True)
     return 0
 
@@ -597,8 +598,7 @@ def main(task_cls, argv=None, generate_name: str = "generate") -> int:
     t.add_argument("--reference_column", default="", help="a table --input's reference column: print the score")
     t.add_argument("--output", default="")
     t.add_argument("--reference", default="", help="reference file: print the task's score to stderr")
-    t.add_argument("--beam", type=int, default=5)
-    for flag, typ in (("lenpen", float), ("max_len_a", float), ("max_len_b", int), ("min_len", int),
+    for flag, typ in (("beam", int), ("lenpen", float), ("max_len_a", float), ("max_len_b", int), ("min_len", int),
                       ("no_repeat_ngram_size", int)):
         t.add_argument(f"--{flag}", type=typ, default=None, help="default: the run's setting")
     t.add_argument("--batch_size", type=int, default=64)
