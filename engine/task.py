@@ -5,18 +5,26 @@ The module is the registration: there is no global registry and importing it has
 
 How the engine uses a task, in order::
 
-    task = TASK(run_cfg, world)                 # run_cfg.task_cfg is an instance of TASK.Config
-    model = task.build_model(ds_config)         # nn.Module; under ZeRO-3 build inside engine.models.zero3_context
+    task = TASK(run_cfg, world)                 # run_cfg.task_cfg is an instance of TASK.Config; TASK is resolved
+                                                #   once per process by engine.config.parse_args
+    task.prepare()                              # once-per-run work (BPE, vocabularies): rank 0 first, then the rest
+    model = task.build_model(ds_config)         # nn.Module; under ZeRO-3 built through models/hf.py
     train = task.build_dataset("train")         # any map-style dataset (len + __getitem__)
+    sizes = task.example_sizes(train)           # only with --train.max_tokens: per-example lengths [N] or [N, K]
+                                                #   that engine/data.py packs into token batches (fairseq's
+                                                #   batch_by_size); None = this task batches by examples
     batch = task.collate(samples, generator)    # dict of tensors, first dim = examples. generator is a seeded
                                                 #   torch.Generator for training-time augmentation, None in eval
     n = task.num_units(batch)                   # units this batch contributes to the loss (examples or target
                                                 #   tokens), counted BEFORE R-Drop doubles the batch
     stats = task.batch_stats(batch)             # optional {name: (num, den)} logged as Train/<name>
     out = task.forward(model, batch)            # TaskOutput; called once on the doubled batch by engine/rdrop.py
+    nll, cons = task.rdrop_terms(out, "kl")     # loss(a) + loss(b) and consistency(a, b) of the two halves
     nll_sum = task.loss(out)                    # SUM over units (never a mean: the engine normalises once)
     cons = task.consistency(a, b)               # SUM over units; symmetric KL by default, MSE for regression
-    metrics = task.evaluate(ctx, split)         # dict of floats; the default runs eval_step/compute_metrics
+    metrics = task.evaluate(ctx, split)         # dict of floats; the default runs eval_step/compute_metrics;
+                                                #   ctx (engine.trainer.EvalContext) shards splits, gathers
+                                                #   tensors and objects, and runs generate (ZeRO-3 safe)
 
 The reduction is the engine's, stated once in engine/rdrop.py: sums over units of both copies divided by the
 units of ONE copy over the whole optimizer step (all micro-batches, all ranks).  A task therefore returns sums.
