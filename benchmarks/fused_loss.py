@@ -1,0 +1,143 @@
+"""Fused vs unfused R-Drop token loss: peak memory and time of forward + backward (prints a table, writes JSON).
+
+Not a test: the numbers depend on the machine.  Each measurement runs in a FRESH subprocess per side (so one side's
+allocator state cannot hide the other's peak), and the sides are interleaved round by round so machine noise hits
+all of them.  Memory is the peak resident set size (ru_maxrss) minus the RSS just before the first forward, with
+the inputs (hidden [2N, H], weight [V, H], target, mask) already allocated: it is what the loss itself needs, all
+allocations included (logits, log-probs, saved tensors, gradients of hidden/weight/bias).  Time is the best of
+``--iters`` forward+backward calls after that first one, per round; the table gives the minimum over rounds and the
+spread (max - min over rounds).
+
+Sides: unfused (engine.losses on the full logits, the reference), fused with recompute-in-backward (default), fused
+with gradient-in-forward (Liger's style).  The loss is nll(a) + nll(b) + alpha * symmetric KL with label smoothing
+0.1 and ~10% padding, as the R-Drop hook computes it.
+
+    python benchmarks/fused_loss.py [--tokens 2048] [--vocab 32000] [--hidden 512] [--rounds 3] [--iters 2]
+    python benchmarks/fused_loss.py --worker SIDE ...     (one measurement, JSON on stdout; used by the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("unfused", "fused_recompute", "fused_forward")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from engine import losses
+    from engine.fused_loss import fused_token_loss
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    N, H, V = args.tokens, args.hidden, args.vocab
+    hidden = torch.randn(2 * N, H, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).requires_grad_()
+    bias = torch.zeros(V).requires_grad_()
+    target = torch.randint(0, V, (N,), generator=g)
+    mask = torch.rand(N, generator=g) < 0.1
+
+    def step():
+        if args.side == "unfused":
+            z = torch.nn.functional.linear(hidden, weight, bias)
+            nll = losses.nll_loss(z[:N], target, mask, 0.1) + losses.nll_loss(z[N:], target, mask, 0.1)
+            cons = losses.symmetric_kl(z[:N], z[N:], mask)
+        else:
+            nll, cons = fused_token_loss(hidden, weight, target, mask, bias, 0.1, "kl", chunk_size=args.chunk or None,
+                                         strategy=args.side.split("_")[1])
+        (nll + args.alpha * cons).backward()
+        hidden.grad = weight.grad = bias.grad = None
+        return float(nll), float(cons)
+
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    nll, cons = step()
+    first = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"side": args.side, "peak_delta_mb": (peak - before) / 2 ** 20,
+            "setup_peak_above_rss_mb": max(0, peak_before - before) / 2 ** 20,
+            "first_s": first, "times_s": times, "nll": nll, "cons": cons,
+            "inputs_mb": (hidden.numel() + weight.numel() + bias.numel()) * 4 / 2 ** 20}
+
+
+def run_worker(side: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
+           "--hidden", str(args.hidden), "--iters", str(args.iters), "--chunk", str(args.chunk),
+           "--alpha", str(args.alpha), "--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per copy (the loss sees 2x this many rows)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=2, help="timed forward+backward calls per round and side")
+    ap.add_argument("--chunk", type=int, default=0, help="tokens per copy per chunk (0: the default from V)")
+    ap.add_argument("--alpha", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench_results/fused_loss.json")
+    args = ap.parse_args()
+    if args.worker:
+        args.side = args.worker
+        print(json.dumps(worker(args)))
+        return
+    sides = args.sides.split(",")
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for r in range(args.rounds):
+        for s in sides:                                      # interleaved: every round measures every side
+            runs[s].append(run_worker(s, args))
+            print(f"round {r} {s}: peak +{runs[s][-1]['peak_delta_mb']:.0f} MB, "
+                  f"best {min(runs[s][-1]['times_s']):.3f} s", flush=True)
+    summary = {}
+    for s, rs in runs.items():
+        peaks = [x["peak_delta_mb"] for x in rs]
+        best = [min(x["times_s"]) for x in rs]
+        summary[s] = {"peak_mb_min": min(peaks), "peak_mb_spread": max(peaks) - min(peaks),
+                      "time_s_min": min(best), "time_s_spread": max(best) - min(best)}
+    base = summary.get("unfused")
+    print(f"\nN={args.tokens} tokens per copy ({2 * args.tokens} rows), V={args.vocab}, H={args.hidden}, "
+          f"rounds={args.rounds}, iters={args.iters}, chunk={args.chunk or 'default'}")
+    print(f"{'side':18s} {'peak MB':>9s} {'spread':>7s} {'time s':>8s} {'spread':>7s} {'mem/unf':>8s} {'time/unf':>9s}")
+    for s, v in summary.items():
+        if base:
+            v["peak_ratio"] = v["peak_mb_min"] / base["peak_mb_min"]
+            v["time_ratio"] = v["time_s_min"] / base["time_s_min"]
+        print(f"{s:18s} {v['peak_mb_min']:9.0f} {v['peak_mb_spread']:7.0f} {v['time_s_min']:8.3f} "
+              f"{v['time_s_spread']:7.3f} {v.get('peak_ratio', float('nan')):8.3f} {v.get('time_ratio', float('nan')):9.3f}")
+    import torch
+    out = {"config": vars(args) | {"rows": 2 * args.tokens, "torch": torch.__version__,
+                                   "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count()},
+           "memory": "peak RSS (ru_maxrss) minus RSS before the first forward+backward, fresh subprocess per side",
+           "summary": summary, "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
