@@ -5,8 +5,9 @@ allocator state cannot hide the other's peak), and the sides are interleaved rou
 all of them.  Memory is the peak resident set size (ru_maxrss) minus the RSS just before the first forward, with
 the inputs (hidden [2N, H], weight [V, H], target, mask) already allocated: it is what the loss itself needs, all
 allocations included (logits, log-probs, saved tensors, gradients of hidden/weight/bias).  Time is the best of
-``--iters`` forward+backward calls after that first one, per round; the table gives the minimum over rounds and the
-spread (max - min over rounds).
+``--iters`` forward+backward calls after that first one, per round, as wall time and as the process's CPU time
+(``time.process_time``: on a shared machine other jobs inflate wall time but hardly CPU time; with ``--threads 1``
+CPU time is the work done); the table gives the minimum over rounds and the spread (max - min over rounds).
 
 Sides: unfused (engine.losses on the full logits, the reference), fused with recompute-in-backward (default), fused
 with gradient-in-forward (Liger's style).  The loss is nll(a) + nll(b) + alpha * symmetric KL with label smoothing
@@ -60,7 +61,7 @@ def worker(args) -> dict:
                                          strategy=args.side.split("_")[1])
         (nll + args.alpha * cons).backward()
         hidden.grad = weight.grad = bias.grad = None
-        return float(nll), float(cons)
+        return float(nll.detach()), float(cons.detach())
 
     before = _rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -68,14 +69,15 @@ def worker(args) -> dict:
     nll, cons = step()
     first = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+    times, cpu = [], []
     for _ in range(args.iters):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     return {"side": args.side, "peak_delta_mb": (peak - before) / 2 ** 20,
             "setup_peak_above_rss_mb": max(0, peak_before - before) / 2 ** 20,
-            "first_s": first, "times_s": times, "nll": nll, "cons": cons,
+            "first_s": first, "times_s": times, "cpu_s": cpu, "nll": nll, "cons": cons,
             "inputs_mb": (hidden.numel() + weight.numel() + bias.numel()) * 4 / 2 ** 20}
 
 
@@ -117,18 +119,24 @@ def main() -> None:
     for s, rs in runs.items():
         peaks = [x["peak_delta_mb"] for x in rs]
         best = [min(x["times_s"]) for x in rs]
+        cpu = [min(x["cpu_s"]) for x in rs]
         summary[s] = {"peak_mb_min": min(peaks), "peak_mb_spread": max(peaks) - min(peaks),
-                      "time_s_min": min(best), "time_s_spread": max(best) - min(best)}
+                      "time_s_min": min(best), "time_s_spread": max(best) - min(best),
+                      "cpu_s_min": min(cpu), "cpu_s_spread": max(cpu) - min(cpu)}
     base = summary.get("unfused")
     print(f"\nN={args.tokens} tokens per copy ({2 * args.tokens} rows), V={args.vocab}, H={args.hidden}, "
           f"rounds={args.rounds}, iters={args.iters}, chunk={args.chunk or 'default'}")
-    print(f"{'side':18s} {'peak MB':>9s} {'spread':>7s} {'time s':>8s} {'spread':>7s} {'mem/unf':>8s} {'time/unf':>9s}")
+    print(f"{'side':16s} {'peak MB':>8s} {'spread':>7s} {'wall s':>7s} {'spread':>7s} {'cpu s':>7s} {'spread':>7s} "
+          f"{'mem/unf':>8s} {'wall/unf':>9s} {'cpu/unf':>8s}")
+    nan = float("nan")
     for s, v in summary.items():
         if base:
             v["peak_ratio"] = v["peak_mb_min"] / base["peak_mb_min"]
             v["time_ratio"] = v["time_s_min"] / base["time_s_min"]
-        print(f"{s:18s} {v['peak_mb_min']:9.0f} {v['peak_mb_spread']:7.0f} {v['time_s_min']:8.3f} "
-              f"{v['time_s_spread']:7.3f} {v.get('peak_ratio', float('nan')):8.3f} {v.get('time_ratio', float('nan')):9.3f}")
+            v["cpu_ratio"] = v["cpu_s_min"] / base["cpu_s_min"]
+        print(f"{s:16s} {v['peak_mb_min']:8.0f} {v['peak_mb_spread']:7.0f} {v['time_s_min']:7.3f} "
+              f"{v['time_s_spread']:7.3f} {v['cpu_s_min']:7.3f} {v['cpu_s_spread']:7.3f} {v.get('peak_ratio', nan):8.3f} "
+              f"{v.get('time_ratio', nan):9.3f} {v.get('cpu_ratio', nan):8.3f}")
     import torch
     out = {"config": vars(args) | {"rows": 2 * args.tokens, "torch": torch.__version__,
                                    "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count()},

@@ -75,24 +75,26 @@ def _chunk(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, keep: Tensor, eps:
     logp = z.sub_(torch.logsumexp(z, 1, keepdim=True))                       # in place: z is dead
     yy = y.repeat(copies) if copies > 1 else y
     kk = keep.repeat(copies) if copies > 1 else keep
-    nll_rows = -logp.gather(1, yy[:, None]).squeeze(1)
-    if eps > 0:
-        nll_rows = (1.0 - eps - eps_i) * nll_rows - eps_i * logp.sum(1)
-    nll = (nll_rows * kk).sum()
+    split = grads == "split"
+    g_n, g_c = (1.0, 1.0) if (split or grads is None) else grads
+    values = grads is None or split          # backward (recompute) needs the gradient only, not the loss values
+    nll = cons = kl_ab = kl_ba = d = None
+    if values:
+        nll_rows = -logp.gather(1, yy[:, None]).squeeze(1)
+        if eps > 0:
+            nll_rows = (1.0 - eps - eps_i) * nll_rows - eps_i * logp.sum(1)
+        nll = (nll_rows * kk).sum()
     p = logp.exp()
-    cons = kl_ab = kl_ba = d = None
-    if kind == "kl":
+    if kind == "kl" and g_c:
         d = logp[:c] - logp[c:]                                              # l_a - l_b   [c, V]
         kl_ab = torch.einsum("rv,rv->r", p[:c], d)
         kl_ba = -torch.einsum("rv,rv->r", p[c:], d)
-        cons = (0.5 * (kl_ab + kl_ba) * keep).sum()
-    elif kind == "fd":
+        if values:
+            cons = (0.5 * (kl_ab + kl_ba) * keep).sum()
+    elif kind == "fd" and values:
         cons = (diff.pow(2).sum(1) * keep).sum()
     if grads is None:
         return nll, cons, None
-
-    split = grads == "split"
-    g_n, g_c = (1.0, 1.0) if split else grads
     gc = None
     if kind is not None and g_c:
         gc = logp                                                            # reuse: log-probs are dead now
@@ -268,6 +270,8 @@ def fused_token_loss(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: T
         keep = (~pad_mask).float()
         safe = target.masked_fill(pad_mask, 0)
     chunk = int(chunk_size) if chunk_size else default_chunk_size(weight.shape[0], copies)
+    if not torch.is_grad_enabled():          # evaluation: no gradient to compute ahead of time
+        strategy = "recompute"
     nll, cons = FusedTokenLossFunction.apply(hidden, weight, bias, safe.long(), keep, float(label_smoothing),
                                              consistency, copies, max(1, chunk), strategy)
     return nll, (cons if consistency is not None else None)
