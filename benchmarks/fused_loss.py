@@ -2,9 +2,10 @@
 
 Not a test: the numbers depend on the machine.  Each measurement runs in a FRESH subprocess per side (so one side's
 allocator state cannot hide the other's peak), and the sides are interleaved round by round so machine noise hits
-all of them.  Memory is the peak resident set size (ru_maxrss) minus the RSS just before the first forward, with
-the inputs (hidden [2N, H], weight [V, H], target, mask) already allocated: it is what the loss itself needs, all
-allocations included (logits, log-probs, saved tensors, gradients of hidden/weight/bias).  Time is the best of
+all of them.  Memory is the kernel's peak resident set size (VmHWM, reset just before) minus the RSS just before
+the first real forward, with the inputs (hidden [2N, H], weight [V, H], target, mask) already allocated and the
+code paths warmed up on a small problem; library code pages mapped during the step are subtracted.  It is what the
+loss itself needs, all allocations included (logits, log-probs, saved tensors, gradients of hidden/weight/bias).  Time is the best of
 ``--iters`` forward+backward calls after that first one, per round, as wall time and as the process's CPU time
 (``time.process_time``: on a shared machine other jobs inflate wall time but hardly CPU time; with ``--threads 1``
 CPU time is the work done); the table gives the minimum over rounds and the spread (max - min over rounds).
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,9 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("unfused", "fused_recompute", "fused_forward")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0), so that imports and set-up,
+    which may have peaked higher than the loss will, do not hide the loss's own peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(args) -> dict:
@@ -44,12 +54,18 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    N, H, V = args.tokens, args.hidden, args.vocab
-    hidden = torch.randn(2 * N, H, generator=g).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * H ** -0.5).requires_grad_()
-    bias = torch.zeros(V).requires_grad_()
-    target = torch.randint(0, V, (N,), generator=g)
-    mask = torch.rand(N, generator=g) < 0.1
+
+    def make(N, H, V):
+        hidden = torch.randn(2 * N, H, generator=g).requires_grad_()
+        weight = (torch.randn(V, H, generator=g) * H ** -0.5).requires_grad_()
+        bias = torch.zeros(V).requires_grad_()
+        target = torch.randint(0, V, (N,), generator=g)
+        mask = torch.rand(N, generator=g) < 0.1
+        return N, hidden, weight, bias, target, mask
+
+    # warm-up on a small problem with the same code paths: the first use of a kernel maps its code pages (shared
+    # library pages count in RSS, and how many depends on the page cache), which must not count as the loss's memory
+    N, hidden, weight, bias, target, mask = make(64, args.hidden, 1024)
 
     def step():
         if args.side == "unfused":
@@ -63,20 +79,23 @@ def worker(args) -> dict:
         hidden.grad = weight.grad = bias.grad = None
         return float(nll.detach()), float(cons.detach())
 
-    before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()
+    N, hidden, weight, bias, target, mask = make(args.tokens, args.hidden, args.vocab)
+    _reset_peak()
+    before, file_before = _status_bytes("VmRSS"), _status_bytes("RssFile")
     t = time.perf_counter()
     nll, cons = step()
     first = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
+    file_delta = _status_bytes("RssFile") - file_before
     times, cpu = [], []
     for _ in range(args.iters):
         t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    return {"side": args.side, "peak_delta_mb": (peak - before) / 2 ** 20,
-            "setup_peak_above_rss_mb": max(0, peak_before - before) / 2 ** 20,
+    return {"side": args.side, "peak_delta_mb": (peak - before - max(0, file_delta)) / 2 ** 20,
+            "rss_peak_delta_mb": (peak - before) / 2 ** 20, "file_pages_mapped_mb": file_delta / 2 ** 20,
             "first_s": first, "times_s": times, "cpu_s": cpu, "nll": nll, "cons": cons,
             "inputs_mb": (hidden.numel() + weight.numel() + bias.numel()) * 4 / 2 ** 20}
 
@@ -140,7 +159,8 @@ def main() -> None:
     import torch
     out = {"config": vars(args) | {"rows": 2 * args.tokens, "torch": torch.__version__,
                                    "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count()},
-           "memory": "peak RSS (ru_maxrss) minus RSS before the first forward+backward, fresh subprocess per side",
+           "memory": "peak RSS (VmHWM reset before the step) minus RSS before it, less library pages mapped during "
+                     "it; fresh subprocess per side, code paths warmed up on a small problem first",
            "summary": summary, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

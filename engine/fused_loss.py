@@ -16,12 +16,18 @@ The maths is exactly engine.losses (nll_loss on each copy, symmetric_kl / square
 Chunk i of copy a (rows i..i+c of the first half) is processed together with chunk i of copy b (the same rows of
 the second half), because the consistency needs both.
 
-Design choice, measured by benchmarks/fused_loss.py (numbers in bench_results/fused_loss.json): the default
+Design choice, measured (benchmarks/fused_loss.py, 2026-11-25, this 2-core CPU box shared with other jobs, torch 1
+thread, V 32000, H 512, 2 x 2048 tokens, label smoothing 0.1, KL, 3 interleaved rounds, fresh process per side):
+                     peak RSS delta      CPU time per fwd+bwd (min over rounds; wall time was ~2x, contended)
+    unfused              3266 MB             8.07 s
+    recompute             215 MB (0.066x)    6.70 s (0.83x)      <- default
+    grad-in-forward       368 MB (0.113x)    7.34 s (0.91x)
 ``strategy="recompute"`` keeps only the inputs and recomputes each chunk's logits in backward (4 matmuls of the
-logits' size per step: 1 forward, 1 recompute, 2 for the gradients).  ``strategy="forward"`` (Liger's style: the
-gradient is computed during forward, nothing recomputed) must keep one gradient per output because the hook
-weights them by (1, alpha) only in backward: that is 2 x [V, H] + 2 x hidden extra memory and 5 matmuls for R-Drop
-(3 when there is one output).  See the benchmark's JSON for the step times and peaks that decided it.
+logits' size: 1 forward, 1 recompute, 2 for the gradients).  ``strategy="forward"`` (Liger's style, nothing
+recomputed) must keep one gradient per output, because the hook weights them by (1, alpha) only in backward:
+2 x [V, H] + 2 x hidden extra memory and 5 matmuls for R-Drop (3 when there is one output).  Both beat the unfused
+loss in CPU time despite more matmul work, presumably because its elementwise passes run over freshly allocated
+0.5 GB tensors, while a chunk's buffers are 32 MB and reused (not profiled further).
 
 ZeRO-3: the projection weight is partitioned outside the forward of the module that owns it.  attach() adds a
 parameter-less child module (FusedTokenLoss) to the model before deepspeed.initialize and registers the weight (and
