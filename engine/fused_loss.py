@@ -388,7 +388,13 @@ def attach(model: nn.Module, head: nn.Module | None = None, extra_bias: str | No
 
     Call it in Task.build_model, i.e. BEFORE deepspeed.initialize.  head: a module with ``weight`` [V, H] and
     optional ``bias`` (default: model.get_output_embeddings(), so tied embeddings stay tied: the loss uses the
-    same Parameter).  extra_bias: the name of a logits-bias buffer on the model (BART's "final_logits_bias")."""
+    same Parameter).  extra_bias: the name of a logits-bias buffer on the model (BART's "final_logits_bias").
+
+    The task's forward then gets the hidden states that the projection consumes without computing logits, e.g.
+    ``model.module.transformer(...).last_hidden_state`` (GPT-2) or ``model.module.model(...).last_hidden_state``
+    (BART); tested under ZeRO-3 with GPT-2 (calling the base model bypasses the DeepSpeed engine's forward, which
+    is fine: every submodule carries its own ZeRO-3 hooks).  T5 scales hidden by d_model**-0.5 before a tied
+    lm_head; FSMT applies its output projection inside the decoder, so it needs a hidden-returning path first."""
     head = head if head is not None else model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError("attach(): the model has no output projection with a weight; pass head=")

@@ -198,6 +198,23 @@ def test_task_loss_and_rdrop_terms_use_the_fused_path(consistency):
         close(f, u)
 
 
+def test_extra_logits_bias_buffer_like_bart():
+    """BART adds a final_logits_bias buffer [1, V] after its (bias-free, tied) lm_head."""
+    model = _TinyLM()
+    model.register_buffer("final_logits_bias", torch.randn(1, V))
+    head = fused_loss.attach(model, extra_bias="final_logits_bias", chunk_size=4)
+    hidden = torch.randn(2 * N, H, requires_grad=True)
+    target = torch.randint(0, V, (N,))
+    z = model.out(hidden) + model.final_logits_bias
+    ref = losses.nll_loss(z[:N], target, None, 0.1) + losses.nll_loss(z[N:], target, None, 0.1) + \
+        losses.symmetric_kl(z[:N], z[N:])
+    nll, cons = head(hidden, target, None, 0.1, "kl")
+    close(nll + cons, ref)
+    params = (hidden, model.out.weight, model.out.bias)
+    for w, h_ in zip(torch.autograd.grad(ref, params), torch.autograd.grad(nll + cons, params)):
+        close(h_, w)
+
+
 def test_fused_output_refuses_a_task_that_overrides_the_loss():
     class Custom(_TokenTask):
         def consistency(self, a, b):
