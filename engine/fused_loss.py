@@ -18,10 +18,10 @@ the second half), because the consistency needs both.
 
 Design choice, measured (benchmarks/fused_loss.py, 2026-11-25, this 2-core CPU box shared with other jobs, torch 1
 thread, V 32000, H 512, 2 x 2048 tokens, label smoothing 0.1, KL, 3 interleaved rounds, fresh process per side):
-                     peak RSS delta      CPU time per fwd+bwd (min over rounds; wall time was ~2x, contended)
-    unfused              3266 MB             8.07 s
-    recompute             215 MB (0.066x)    6.70 s (0.83x)      <- default
-    grad-in-forward       368 MB (0.113x)    7.34 s (0.91x)
+                     peak RSS delta      CPU time per fwd+bwd (min of 3 rounds; wall time was 2-3x: load 8-15)
+    unfused              3255 MB             8.07 s
+    recompute             232 MB (0.071x)    6.63 s (0.82x)      <- default
+    grad-in-forward       372 MB (0.114x)    7.10 s (0.88x)
 ``strategy="recompute"`` keeps only the inputs and recomputes each chunk's logits in backward (4 matmuls of the
 logits' size: 1 forward, 1 recompute, 2 for the gradients).  ``strategy="forward"`` (Liger's style, nothing
 recomputed) must keep one gradient per output, because the hook weights them by (1, alpha) only in backward:
