@@ -34,6 +34,14 @@ flags), implement build_model / build_dataset / collate / forward, and either ``
 or your own ``evaluate``.  Classification tasks need nothing else: loss and consistency default to token/example
 cross-entropy and symmetric KL with ``pad_mask`` honoured.  A Config field ``regression`` (True: MSE, GLUE STS-B)
 and ``label_smoothing`` are read from the task's Config, their one owner.
+
+Fused token loss (engine/fused_loss.py; for large vocabularies): the task calls ``fused_loss.attach(model)`` in
+build_model (before deepspeed.initialize) and, when fused, its forward returns ``TaskOutput(None, target, pad_mask,
+hidden=<final hidden states [B, T, H]>, head=fused_loss.find(model))`` instead of logits.  The default ``loss``
+and ``rdrop_terms`` then compute NLL (+ symmetric KL / fd) chunk by chunk from hidden and the projection, never
+holding [tokens, V] logits; they refuse a task that overrides ``loss`` or ``consistency`` (the fused maths would
+silently differ).  Evaluation: ``out.scores()`` gives logits either way (computed from hidden without a graph when
+fused), ``out.head.token_nll(...)`` gives per-token NLL in chunks.
 """
 from __future__ import annotations
 
@@ -53,22 +61,35 @@ from engine.config import ConfigError
 class TaskOutput:
     """What ``Task.forward`` returns.
 
-    logits:   [N, ..., C] class scores, or [N] predictions for regression
+    logits:   [N, ..., C] class scores, or [N] predictions for regression; None when the loss is fused
     target:   [N, ...] class ids (or float targets for regression), same leading shape as logits minus C
     pad_mask: [N, ...] bool, True where a position does not count (padding); None if every position counts
+    hidden:   [N, ..., H] final hidden states, given instead of logits for the fused token loss (with head)
+    head:     the model's engine.fused_loss.FusedTokenLoss (output projection + chunked loss), with hidden
     """
-    logits: Tensor
+    logits: Tensor | None
     target: Tensor
     pad_mask: Tensor | None = None
+    hidden: Tensor | None = None
+    head: Any = None
+
+    @property
+    def fused(self) -> bool:
+        return self.hidden is not None
 
     def split(self) -> tuple["TaskOutput", "TaskOutput"]:
         """The two halves of an output computed on a doubled batch ([x; x])."""
-        n = self.logits.shape[0] // 2
+        n = (self.hidden if self.logits is None else self.logits).shape[0] // 2
 
         def halves(t):
             return (None, None) if t is None else (t[:n], t[n:])
         (la, lb), (ta, tb), (pa, pb) = halves(self.logits), halves(self.target), halves(self.pad_mask)
-        return TaskOutput(la, ta, pa), TaskOutput(lb, tb, pb)
+        ha, hb = halves(self.hidden)
+        return TaskOutput(la, ta, pa, ha, self.head), TaskOutput(lb, tb, pb, hb, self.head)
+
+    def scores(self) -> Tensor:
+        """The logits; when fused, computed from hidden without a graph (evaluation; [N, ..., V] in memory)."""
+        return self.logits if self.logits is not None else self.head.logits(self.hidden)
 
 
 @dataclass
@@ -149,7 +170,17 @@ class Task:
         """Units of one copy of the batch: examples by default; token tasks count non-pad target tokens."""
         return int(next(iter(batch.values())).shape[0])
 
+    def _check_fused(self) -> None:
+        for name in ("loss", "consistency"):
+            if getattr(type(self), name) is not getattr(Task, name) or self.regression:
+                raise TypeError(f"{type(self).__name__} overrides {name}() (or is a regression task) but its "
+                                "forward returned hidden states for the fused token loss, which computes the "
+                                "default NLL / symmetric KL: return logits instead, or turn the fused loss off")
+
     def loss(self, out: TaskOutput) -> Tensor:
+        if out.hidden is not None:           # fused, chunked: one copy (mode none, or a half)
+            self._check_fused()
+            return out.head(out.hidden, out.target, out.pad_mask, self.label_smoothing, None, copies=1)[0]
         if self.regression:
             return losses.mse_loss(out.logits, out.target, out.pad_mask)
         return losses.nll_loss(out.logits, out.target, out.pad_mask, self.label_smoothing)
@@ -163,7 +194,13 @@ class Task:
         """(loss(a) + loss(b), the consistency term or None) for an output computed on a doubled batch.
         ``consistency``: "kl" = this task's R-Drop term (``consistency``: symmetric KL, MSE for regression),
         "fd" = fraternal dropout's squared L2 between the pre-softmax outputs, None = no term.  Override to
-        compute both at once (e.g. a fused, chunked token loss that never holds the full logits)."""
+        compute both at once.  An output with ``hidden`` (fused token loss) is computed here chunk by chunk,
+        both copies and the consistency together, never holding the full logits (engine/fused_loss.py)."""
+        if out.hidden is not None:
+            self._check_fused()
+            n = out.target.shape[0] // 2     # the doubled batch: copy b's targets are copy a's
+            pad = None if out.pad_mask is None else out.pad_mask[:n]
+            return out.head(out.hidden, out.target[:n], pad, self.label_smoothing, consistency)
         a, b = out.split()
         nll = self.loss(a) + self.loss(b)
         if consistency is None:
@@ -175,7 +212,7 @@ class Task:
     # -- evaluation -------------------------------------------------------------------------------------
     def eval_step(self, out: TaskOutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-example results of one eval batch (first dim = examples), gathered in dataset order."""
-        pred = out.logits.float() if self.regression else out.logits.argmax(-1)
+        pred = out.logits.float() if self.regression else out.scores().argmax(-1)
         return {"pred": pred, "target": out.target}
 
     def compute_metrics(self, results: dict[str, Tensor]) -> dict[str, float]:
