@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: transformers' choice)")
     args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()          # no "Loading weights" bars on stderr: errors stay one line
     try:
         if args.batch_size < 1:
             raise PredictError("--batch_size must be >= 1")
