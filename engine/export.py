@@ -299,10 +299,11 @@ def model_card(m: dict, path: str) -> str:
         ["tags:", "- r-drop", "- deepspeed", f"- {m['task']}", "---", ""]
     name = m["task"] + (f" {m['task_args'].get('name')}" if m["task_args"].get("name") else "")
     if m["weights"] == "best":
-        which = (f"the best checkpoint by {m['selected_by']}, step {m['step']} of {m['total_steps']}"
-                 if m["step"] is not None else f"the best checkpoint by {m['selected_by']}")
+        metric, _, mode = m["selected_by"].rstrip(")").partition(" (")
+        which = f"the weights of the best checkpoint ({'highest' if mode == 'max' else 'lowest'} {metric}" + \
+            (f", step {m['step']} of {m['total_steps']})" if m["step"] is not None else ")")
     else:
-        which = f"the final weights, step {m['step']} of {m['total_steps']}"
+        which = f"the final weights (step {m['step']} of {m['total_steps']})"
     r, t = m["rdrop"], m["training"]
     rdrop = ("none (baseline)" if r["mode"] == "none" else
              f"mode {r['mode']}, alpha {r['alpha']} ({r['alpha_schedule']})")

@@ -247,7 +247,7 @@ def test_glue_stsb_regression_and_best_model(stsb_run):
         assert got["spearman"] == pytest.approx(want["spearman"], abs=1e-6)
     m = json.loads((stsb_run / "best_model" / "export.json").read_text())
     assert m["weights"] == "best" and m["selected_by"] == "pearson (max)"
-    assert "the best checkpoint by pearson (max)" in (stsb_run / "best_model" / "README.md").read_text()
+    assert f"the best checkpoint (highest pearson, step {m['step']} of 6)" in (stsb_run / "best_model" / "README.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- images
