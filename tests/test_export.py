@@ -200,6 +200,8 @@ def test_glue_rte_export_is_complete_and_reproduces_accuracy(rte_run):
     assert {o["label"] for o in out} <= {"entailment", "not_entailment"}
     pred = [clf.model.config.label2id[o["label"]] for o in out]
     correct = sum(p == y for p, (_, _, y, _) in zip(pred, (dev[i] for i in range(len(dev)))))
+    print(f"[export] RTE accuracy: engine {engine['accuracy']:.6f}, pipeline {correct}/{len(dev)} = "
+          f"{correct / len(dev):.6f}")
     assert correct == round(engine["accuracy"] * len(dev)) and correct / len(dev) == pytest.approx(engine["accuracy"])
     # the same through engine.predict (no DeepSpeed in that process), from GLUE's own dev.tsv columns (40 rows)
     head = (GLUE / "RTE" / "dev.tsv").read_text(encoding="utf-8").splitlines()[:41]
@@ -243,6 +245,8 @@ def test_glue_stsb_regression_and_best_model(stsb_run):
         assert {o["label"] for o in out} == {"similarity"}
         pred = np.array([o["score"] for o in out], dtype=np.float32)
         got = glue.compute_glue_metrics("stsb", pred, targets.astype(np.float32))
+        print(f"[export] STS-B {folder.name} (step {want['step']}) pearson: engine {want['pearson']:.8f}, "
+              f"pipeline {got['pearson']:.8f}")
         assert got["pearson"] == pytest.approx(want["pearson"], abs=1e-6)
         assert got["spearman"] == pytest.approx(want["spearman"], abs=1e-6)
     m = json.loads((stsb_run / "best_model" / "export.json").read_text())
@@ -276,6 +280,8 @@ def test_digits_export_reproduces_accuracy(digits_run, tmp_path):
         m = json.loads((folder / "export.json").read_text())
         want = next(r for r in metrics(digits_run, "eval") if r["step"] == (step or m["step"]))
         clf, correct, _ = _pipeline_accuracy(folder, pil, labels)
+        print(f"[export] digits {folder.name} (step {want['step']}) accuracy: engine {want['accuracy']:.6f}, "
+              f"pipeline {correct}/{len(test)} = {correct / len(test):.6f}")
         assert correct == round(want["accuracy"] * len(test))
     # the processor the pipeline loads IS the engine's: identical pixels for the whole test split
     proc = AutoImageProcessor.from_pretrained(str(digits_run / "hf_model"))
@@ -306,6 +312,8 @@ def test_cifar10_export_reproduces_accuracy(cifar_run):
     assert list(cfg["id2label"].values()) == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                               "horse", "ship", "truck"]
     _, correct, out = _pipeline_accuracy(folder, images, labels)
+    print(f"[export] CIFAR-10 accuracy: engine {final_eval(cifar_run)['accuracy']:.6f}, pipeline "
+          f"{correct}/{len(test)} = {correct / len(test):.6f}")
     assert correct == round(final_eval(cifar_run)["accuracy"] * len(test))
     assert set(out) <= set(cfg["id2label"].values())
 
