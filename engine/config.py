@@ -77,6 +77,7 @@ class CheckpointConfig:
     keep_last: int = 0            # keep only the newest N step checkpoints; 0 = keep all
     save_best: bool = True        # also keep DIR/checkpoints/best by the task's metric (needs evaluation)
     export_hf: bool = True        # write consolidated weights in HF save_pretrained format to DIR/hf_model
+    export_best: bool = True      # with save_best (and export_hf): DIR/checkpoints/best as DIR/best_model too
     universal: bool = False       # load a DeepSpeed universal checkpoint (resume on another number of ranks)
 
 
@@ -128,6 +129,7 @@ class RunConfig:
     task_cfg: Any = None          # the task's own Config dataclass, set as --task.FIELD
     task_class: Any = field(default=None, repr=False, compare=False)  # resolved once by parse_args
     explicit: set = field(default_factory=set)  # "section.field" keys the user set (not defaults, not recipes)
+    argv: list = field(default_factory=list, repr=False, compare=False)  # the command line, for the model card
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in TOP_LEVEL}
@@ -254,7 +256,7 @@ def parse_args(argv: list[str]) -> RunConfig:
     from engine.task import get_task_class  # local import: task modules import engine.config
 
     pairs = split_argv(argv)
-    cfg = RunConfig()
+    cfg = RunConfig(argv=list(argv))
     for key, val in pairs:            # top-level keys first: the task decides which --task.* flags exist
         if "." not in key:
             apply(cfg, key, val)

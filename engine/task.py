@@ -222,8 +222,18 @@ class Task:
         """Default: one ordinary pass over ``split`` sharded over ranks (ctx: engine.trainer.EvalContext)."""
         return self.compute_metrics(ctx.gather_eval(split))
 
+    def export_info(self) -> dict[str, Any]:
+        """What makes an export folder usable outside the engine, for engine/export.py's model card and
+        export.json (every key optional): ``pipeline_tag`` (transformers.pipeline task), ``pipeline_kwargs``
+        (arguments the pipeline needs to reproduce the engine's evaluation, e.g. truncation), ``labels`` (names
+        in class-id order), ``inputs`` (what ``python -m engine.predict`` reads), ``data`` (one line on the
+        data), ``usage`` (a Python snippet; ``{path}`` stands for the folder).  Default: nothing."""
+        return {}
+
     def export(self, model: nn.Module, state_dict: dict, out_dir: str) -> None:
-        """Write consolidated weights (rank 0 only).  Default: HF save_pretrained when the model has it."""
+        """Write consolidated weights (rank 0 only).  Default: HF save_pretrained when the model has it.
+        Tasks add what a user needs to run the weights (tokenizer, image processor, generation config); the
+        trainer then adds the model card (engine/export.py)."""
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(out_dir, state_dict=state_dict)
         else:

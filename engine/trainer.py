@@ -17,6 +17,7 @@ import deepspeed
 import torch
 
 from engine import checkpoint, data, ds_config as dsc, schedules
+from engine import export as hf_export
 from engine import distributed as dist_utils
 from engine.config import ConfigError, RunConfig, dumps
 from engine.monitor import Monitor
@@ -185,7 +186,7 @@ class Trainer:
         dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed, world.rank))  # dropout differs per rank
 
         self.resolved = {**cfg.to_dict(), "ds_config_resolved": self.ds, "world_size": world.world_size,
-                         "total_steps": self.total_steps}
+                         "total_steps": self.total_steps, **hf_export.command_record(cfg, world.world_size)}
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         found = checkpoint.find(cfg.resume, cfg.output_dir, cfg.checkpoint.universal) if cfg.resume else None
         if found is not None:
@@ -356,7 +357,8 @@ class Trainer:
         self.last_tag = f"global_step{step}"
 
     def export(self) -> str | None:
-        """Consolidated fp32 weights in HF save_pretrained format (DIR/hf_model), from the last checkpoint."""
+        """Consolidated fp32 weights in HF save_pretrained format (DIR/hf_model), from the last checkpoint, and the
+        best checkpoint's as DIR/best_model: complete folders (engine/export.py adds the card)."""
         if not self.cfg.checkpoint.export_hf or not hasattr(self, "last_tag") or getattr(self, "stopped_early", 0):
             return None
         out = os.path.join(self.cfg.output_dir, "hf_model")
@@ -367,6 +369,8 @@ class Trainer:
             else:
                 sd = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
             self.task.export(self.engine.module, sd, out)
+            hf_export.complete(self, out, "final")       # model card + export.json
+            hf_export.export_best(self)                 # DIR/best_model (--checkpoint.export_best)
         dist_utils.barrier()
         return out
 

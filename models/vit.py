@@ -20,12 +20,34 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def image_processor(image_size: int):
+    """The preprocessing of every ViT here, as a Hugging Face image processor: RGB (grey images repeated),
+    bilinear resize to image_size x image_size, pixels / 255, normalised with mean 0.5 / std 0.5 (to [-1, 1], as
+    HF ViT).  tasks/image_classification.py batches with it and exports it, so the engine's evaluation and
+    ``pipeline("image-classification", model=EXPORT)`` preprocess identically.  The class is the one
+    ``AutoImageProcessor`` picks on this machine: the torchvision backend when torchvision is installed, else PIL
+    (their bilinear resizes differ in the last bits)."""
+    from transformers.image_utils import PILImageResampling
+    from transformers.utils import is_torchvision_available
+    if is_torchvision_available():
+        from transformers.models.vit.image_processing_vit import ViTImageProcessor as cls
+    else:
+        from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil as cls
+    return cls(size={"height": image_size, "width": image_size}, resample=PILImageResampling.BILINEAR,
+               do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+
+
 def build_vit(preset: str, num_labels: int, ds_config: dict, num_channels: int = 3, image_size: int = 0,
-              dropout: float = 0.1, attention_dropout: float = 0.0, pretrained: str = ""):
+              dropout: float = 0.1, attention_dropout: float = 0.0, pretrained: str = "",
+              label_names: list[str] | None = None):
     from transformers import ViTConfig, ViTForImageClassification
 
     overrides = dict(num_labels=num_labels, hidden_dropout_prob=dropout,
                      attention_probs_dropout_prob=attention_dropout)
+    if label_names:
+        from engine.export import label_config
+        overrides.update(label_config(label_names))
     if pretrained:
         config = ViTConfig.from_pretrained(pretrained, **overrides)
         if image_size:

@@ -78,6 +78,13 @@ SPECS = {
     "wnli": Spec("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("0", "1"),
                  ("accuracy",), ("WNLI",)),
 }
+# Label names of the exported models (config id2label): the class names of Hugging Face's GLUE (nyu-mll/glue),
+# in class-id order; STS-B has one regression output.  Spec.labels stay GLUE's submission strings.
+LABEL_NAMES = {"cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+               "mrpc": ("not_equivalent", "equivalent"), "stsb": ("similarity",),
+               "qqp": ("not_duplicate", "duplicate"), "mnli": ("entailment", "neutral", "contradiction"),
+               "qnli": ("entailment", "not_entailment"), "rte": ("entailment", "not_entailment"),
+               "wnli": ("not_entailment", "entailment")}
 HUB_GLUE = ("glue", "nyu-mll/glue")
 # Table 1 of the appendix: max updates, batch (sentences), alpha; lr 1e-5 and dropout 0.1 for all.
 TABLE1 = {"cola": (5336, 16, 0.5), "mrpc": (2296, 16, 1.0), "rte": (3120, 8, 1.0), "sst2": (20935, 32, 1.0),
@@ -440,10 +447,13 @@ class Glue(Task):
             from transformers import AutoTokenizer
             name = self.cfg.tokenizer or self._model_path() or minilm_path()
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(name)
+                tok = AutoTokenizer.from_pretrained(name)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"could not load tokenizer {name!r} ({type(e).__name__}): go online once, or "
                                   "pass --task.tokenizer with a local path") from None
+            # the export saves this tokenizer: truncation=True (the pipeline's kwarg) then cuts where collate does
+            tok.model_max_length = self.cfg.max_length
+            self._tokenizer = tok
         return self._tokenizer
 
     def collate(self, samples, generator=None):
@@ -465,11 +475,17 @@ class Glue(Task):
             return minilm_path()
         return "" if m == "tiny" else m
 
+    @property
+    def label_names(self) -> list[str]:
+        return list(LABEL_NAMES[self.spec.name])
+
     def build_model(self, ds_config: dict):
+        from engine.export import label_config
         from models import hf
         c = self.cfg
         drop = {"hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout}
-        extra = {"problem_type": "regression" if self.regression else "single_label_classification"}
+        extra = {"problem_type": "regression" if self.regression else "single_label_classification",
+                 **label_config(self.label_names)}
         if c.model == "tiny":
             from transformers import BertConfig, BertForSequenceClassification
             config = BertConfig(vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=2,
@@ -490,8 +506,6 @@ class Glue(Task):
                               "applied, choose a BERT/RoBERTa-style model")
         for k in names:
             setattr(config, k, c.dropout)
-        config.id2label = {i: str(i) for i in range(self.num_labels)}
-        config.label2id = {str(i): i for i in range(self.num_labels)}
         return hf.build(AutoModelForSequenceClassification, config, ds_config, pretrained=path,
                         ignore_mismatched_sizes=True)
 
@@ -554,6 +568,43 @@ class Glue(Task):
                         f.write(f"{i}\t{p}\n")
                 written.append(path)
         return written
+
+
+    # -- export --------------------------------------------------------------------------------------------
+    def export_info(self):
+        c, spec = self.cfg, self.spec
+        source = f"files in {c.data_dir}" if c.data_dir else f"hub dataset {c.dataset}"
+        pair = len(spec.fields) == 2
+        example = ('clf({"text": "A man is playing a guitar.", "text_pair": "A man plays music."}, truncation=True)'
+                   if pair else 'clf("a gripping, funny film", truncation=True)')
+        usage = f"""```python
+from transformers import pipeline
+
+clf = pipeline("text-classification", model="{{path}}")
+{example}
+# -> [{{'label': ..., 'score': ...}}]{"  (STS-B: score = the predicted similarity)" if self.regression else ""}
+```
+
+`truncation=True` cuts inputs at the tokenizer's `model_max_length` ({c.max_length}, the run's
+`--task.max_length`), where the engine's evaluation cut them; without it longer inputs are scored whole.
+{"Sentence pairs go as `{'text': first, 'text_pair': second}` (" + ", ".join(spec.fields) + ")." if pair else ""}
+The same with the Auto classes: `AutoTokenizer.from_pretrained(path)` and
+`AutoModelForSequenceClassification.from_pretrained(path)`; labels are in `model.config.id2label`."""
+        return {"pipeline_tag": "text-classification", "pipeline_kwargs": {"truncation": True},
+                "labels": self.label_names,
+                "inputs": {"kind": "text", "fields": list(spec.fields),
+                           "aliases": {f: t for f, t in zip(spec.fields, spec.tsv_fields) if f != t}},
+                "data": f"GLUE {spec.folder} ({source}), max_length {c.max_length}"
+                        + (f", first {c.max_train_examples} training examples" if c.max_train_examples else ""),
+                "usage": usage}
+
+    def export(self, model, state_dict, out_dir):
+        """Weights + config (label names, problem_type) + the tokenizer collate used (model_max_length =
+        --task.max_length), so AutoTokenizer / pipeline on the folder tokenize exactly as the engine did."""
+        from engine.export import clean_tokenizer_files
+        super().export(model, state_dict, out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        clean_tokenizer_files(out_dir)
 
 
 TASK = Glue

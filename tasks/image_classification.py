@@ -7,8 +7,15 @@ Data, by ``--task.dataset`` / ``--task.data_dir``:
   --task.data_dir DIR   local parquet in the hub's layout (DIR/train*.parquet, DIR/test*.parquet, columns
                         img|image + label|fine_label; ../shared/data/cifar10 is one) or an image folder
                         (DIR/train/CLASS/*.png, DIR/test/CLASS/*.png)
-Training batches are resized to the model's image size, randomly cropped (reflect-padded by size/8) and, except
-for digits, flipped; evaluation only resizes.  Pixels are scaled to [-1, 1] (mean 0.5, std 0.5, as HF ViT).
+Every batch goes through the model's Hugging Face image processor (models/vit.image_processor): RGB (grey images
+such as digits are repeated over 3 channels), bilinear resize to the model's image size, pixels / 255, mean 0.5 /
+std 0.5 (to [-1, 1], as HF ViT).  Training batches are then randomly cropped (reflect-padded by size/8) and, except
+for digits, flipped; evaluation is the processor alone.  The export saves that processor beside the weights, so
+``pipeline("image-classification", model=DIR/hf_model)`` preprocesses exactly as the engine evaluated.
+
+Label names (config id2label of the export): digits "0".."9"; the ClassLabel names of a hub dataset or of parquet
+files that carry them; CIFAR-10's class names for a parquet folder named cifar10 without them; the class folder
+names of an image folder; ``--task.label_names a,b,...`` overrides them.
 """
 from __future__ import annotations
 
@@ -23,9 +30,10 @@ import torch.nn.functional as F
 
 from engine.config import ConfigError
 from engine.task import Task, TaskConfig, TaskOutput
-from models.vit import PRESETS, build_vit
+from models.vit import PRESETS, build_vit, image_processor
 
 IMAGE_COLUMNS = ("img", "image", "pixel_values")
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 LABEL_COLUMNS = ("label", "fine_label", "labels")
 
 
@@ -44,6 +52,7 @@ class Config(TaskConfig):
     hflip: str = "auto"           # auto (on, except digits) | true | false
     max_train_examples: int = 0   # use only the first N training examples (0 = all)
     max_eval_examples: int = 0    # evaluate on the first N examples of the eval split (0 = all)
+    label_names: str = ""         # comma-separated class names in label-id order ("" = from the data, see above)
 
     def validate(self) -> None:
         if self.model not in PRESETS:
@@ -60,8 +69,9 @@ class Config(TaskConfig):
 class ImageSet:
     """A split as (uint8 HxWxC array, int label) pairs; images decoded lazily from the backing store."""
 
-    def __init__(self, images, labels, decode=None):
+    def __init__(self, images, labels, decode=None, names=None):
         self.images, self.labels, self.decode = images, labels, decode
+        self.names = list(names) if names else None      # class names in label-id order, when the data has them
 
     def __len__(self):
         return len(self.labels)
@@ -89,10 +99,11 @@ def load_digits_split(split: str) -> ImageSet:
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]   # 0..16 -> 0..255, 1 channel
     tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    names = [str(i) for i in range(10)]
     if split == "train":
-        return ImageSet(tr_x, tr_y)
+        return ImageSet(tr_x, tr_y, names=names)
     if split == "test":
-        return ImageSet(te_x, te_y)
+        return ImageSet(te_x, te_y, names=names)
     raise ConfigError(f"digits has splits train and test, not {split!r}: set --task.test_split test")
 
 
@@ -107,9 +118,11 @@ def _columns(names: list[str], where: str) -> tuple[str, str]:
 
 def load_hf_split(ds) -> ImageSet:
     img, lab = _columns(list(ds.column_names), "the dataset")
-    from datasets import Image as HFImage
+    from datasets import ClassLabel, Image as HFImage
+    feature = ds.features.get(lab)
+    names = list(feature.names) if isinstance(feature, ClassLabel) else None
     ds = ds.cast_column(img, HFImage(decode=False))
-    return ImageSet(_Column(ds, img), np.asarray(list(ds[lab])), _to_array)
+    return ImageSet(_Column(ds, img), np.asarray(list(ds[lab])), _to_array, names)
 
 
 class _Column:
@@ -130,8 +143,11 @@ def load_local_split(data_dir: str, split: str) -> ImageSet:
                      glob.glob(os.path.join(data_dir, split, "*.parquet")))
     import datasets
     if parquet:
-        ds = datasets.load_dataset("parquet", data_files={split: parquet}, split=split)
-        return load_hf_split(ds)
+        ds = load_hf_split(datasets.load_dataset("parquet", data_files={split: parquet}, split=split))
+        folder_name = os.path.basename(os.path.normpath(data_dir)).lower().replace("-", "").replace("_", "")
+        if ds.names is None and folder_name == "cifar10" and len(ds) and int(np.max(ds.labels)) <= 9:
+            ds.names = list(CIFAR10_NAMES)       # the hub's cifar10 ClassLabel; plain parquet copies lose it
+        return ds
     folder = os.path.join(data_dir, split)
     if os.path.isdir(folder):
         classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
@@ -142,7 +158,7 @@ def load_local_split(data_dir: str, split: str) -> ImageSet:
                 labels.append(c)
         if not files:
             raise ConfigError(f"{folder} holds no images in class folders: use {folder}/CLASS/IMAGE.png")
-        return ImageSet(files, np.array(labels), _to_array)
+        return ImageSet(files, np.array(labels), _to_array, classes)
     raise ConfigError(f"no {split} data in {data_dir}: expected {split}*.parquet or a {split}/CLASS/ image folder")
 
 
@@ -175,6 +191,8 @@ class ImageClassification(Task):
     def __init__(self, run_cfg, world=None):
         super().__init__(run_cfg, world)
         self._splits: dict = {}
+        self._processor = None
+        self.channels = 3                 # the image processor makes every image RGB (see models/vit.py)
 
     # -- data ------------------------------------------------------------------------------------------
     def _split_name(self, split: str) -> str:
@@ -201,11 +219,13 @@ class ImageClassification(Task):
             self._num_labels = int(np.max(ds.labels)) + 1 if len(ds) else 0
             if len(ds) and np.min(ds.labels) < 0:
                 raise ConfigError(f"the {name} split has negative labels: labels must be class ids 0..C-1")
+            self._label_names = self._names_for(ds)
+            self._num_labels = max(self._num_labels, len(self._label_names))
         limit = c.max_train_examples if split == "train" else c.max_eval_examples
         if limit and limit < len(ds):
             # a seeded random subset, not the head: files sorted by class (cifar10 parquet is) would give one class
             keep = np.sort(np.random.default_rng(0).choice(len(ds), limit, replace=False))
-            ds = ImageSet(_Subset(ds.images, keep), np.asarray(ds.labels)[keep], ds.decode)
+            ds = ImageSet(_Subset(ds.images, keep), np.asarray(ds.labels)[keep], ds.decode, ds.names)
         if len(ds) == 0:
             raise ConfigError(f"the {name} split is empty: point --task.data_dir at data with images")
         self._splits[name] = ds
@@ -213,9 +233,26 @@ class ImageClassification(Task):
 
     @property
     def num_labels(self) -> int:
-        """Classes in the FULL training split (before --task.max_train_examples)."""
+        """Classes in the FULL training split (before --task.max_train_examples), or the data's class names."""
         self.build_dataset("train")
         return self._num_labels
+
+    @property
+    def label_names(self) -> list[str]:
+        self.build_dataset("train")
+        return self._label_names
+
+    def _names_for(self, ds: ImageSet) -> list[str]:
+        n = self._num_labels
+        if self.cfg.label_names:
+            names = [x.strip() for x in self.cfg.label_names.split(",")]
+            if len(names) < n or not all(names):
+                raise ConfigError(f"--task.label_names gives {len(names)} names but the training labels go up to "
+                                  f"{n - 1}: give one non-empty name per class id, comma-separated")
+            return names
+        if ds.names and len(ds.names) >= n:
+            return list(ds.names)
+        return [str(i) for i in range(n)]
 
     @property
     def is_digits(self) -> bool:
@@ -227,23 +264,26 @@ class ImageClassification(Task):
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self, ds_config: dict):
         c = self.cfg
-        sample, _ = self.build_dataset("train")[0]
-        self.channels = 3 if c.pretrained else sample.shape[-1]
         return build_vit(c.model, self.num_labels, ds_config, num_channels=self.channels, image_size=c.image_size,
-                         dropout=c.dropout, attention_dropout=c.attention_dropout, pretrained=c.pretrained)
+                         dropout=c.dropout, attention_dropout=c.attention_dropout, pretrained=c.pretrained,
+                         label_names=self.label_names)
 
     # -- batches ---------------------------------------------------------------------------------------
+    @property
+    def image_processor(self):
+        """The one preprocessing (RGB, resize, scale, normalise) of training, evaluation and the export."""
+        if self._processor is None:
+            self._processor = image_processor(self.image_size())
+        return self._processor
+
     def collate(self, samples, generator=None):
-        images = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).float() / 255.0
-        if images.shape[1] != getattr(self, "channels", images.shape[1]):
-            images = images.expand(-1, self.channels, -1, -1) if images.shape[1] == 1 else images[:, :self.channels]
-        size = self.image_size()
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        # dataset images are HxWxC uint8 arrays (C = 1 for digits); the processor returns [N, 3, S, S] in [-1, 1]
+        pixels = self.image_processor(images=[s[0] for s in samples], return_tensors="pt",
+                                      input_data_format="channels_last")["pixel_values"]
         if generator is not None and self.cfg.augment:
-            images = self._augment(images, generator)
+            pixels = self._augment(pixels, generator)
         labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
-        return {"pixel_values": (images - 0.5) / 0.5, "labels": labels}
+        return {"pixel_values": pixels, "labels": labels}
 
     def _augment(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -270,6 +310,43 @@ class ImageClassification(Task):
 
     def compute_metrics(self, r):
         return {"accuracy": float((r["pred"] == r["target"]).float().mean()), "loss": float(r["nll"].mean())}
+
+
+    # -- export ----------------------------------------------------------------------------------------------
+    def export_info(self):
+        c, size = self.cfg, self.image_size()
+        if c.data_dir:
+            data = f"images in {c.data_dir} (splits {c.train_split} / {c.test_split})"
+        elif self.is_digits:
+            data = ("scikit-learn's handwritten digits: 8x8 grey, values 0..16 stored as round(v * 255 / 16), "
+                    "split 80/20 stratified (seed 0)")
+        else:
+            data = f"hub dataset {c.dataset} (splits {c.train_split} / {c.test_split})"
+        if c.max_train_examples:
+            data += f", {c.max_train_examples} training examples"
+        if c.max_eval_examples:
+            data += f", evaluated on {c.max_eval_examples} examples"
+        p = self.image_processor
+        usage = f"""```python
+from transformers import pipeline
+
+clf = pipeline("image-classification", model="{{path}}")
+clf("image.png")            # a path, a URL or a PIL image; a list of them for several
+# -> [{{'label': ..., 'score': ...}}, ...] (top 5 by default; top_k=1 for the best only)
+```
+
+The folder's image processor is the one the engine trained and evaluated with: RGB (grey images repeated over 3
+channels), bilinear resize to {size}x{size}, pixels / 255, normalised with mean 0.5 / std 0.5.  The engine used
+its {p.backend} backend; `AutoImageProcessor` picks torchvision when it is installed, whose bilinear resize
+differs in the last bits: pass `image_processor=AutoImageProcessor.from_pretrained(path, backend="{p.backend}")`
+to the pipeline to reproduce the engine's numbers exactly.{" Digits images are 8x8 grey PNGs with pixel = round(v * 255 / 16) of scikit-learn's 0..16 values." if self.is_digits else ""}"""
+        return {"pipeline_tag": "image-classification", "pipeline_kwargs": {}, "labels": self.label_names,
+                "inputs": {"kind": "image", "backend": p.backend}, "data": data, "usage": usage}
+
+    def export(self, model, state_dict, out_dir):
+        """Weights + config (label names) + the image processor every batch went through."""
+        super().export(model, state_dict, out_dir)
+        self.image_processor.save_pretrained(out_dir)
 
 
 class _Subset:

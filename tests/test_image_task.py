@@ -28,10 +28,11 @@ def test_digits_split_sizes_and_labels():
 
 def test_collate_resizes_normalises_and_augments_deterministically():
     task = make_task()
-    task.channels = 1
     samples = [task.build_dataset("train")[i] for i in range(6)]
     ev = task.collate(samples)
-    assert ev["pixel_values"].shape == (6, 1, 16, 16) and ev["labels"].tolist() == [s[1] for s in samples]
+    # grey digits come out as RGB (the image processor's do_convert_rgb; what the HF pipeline feeds the export)
+    assert ev["pixel_values"].shape == (6, 3, 16, 16) and ev["labels"].tolist() == [s[1] for s in samples]
+    assert torch.equal(ev["pixel_values"][:, 0], ev["pixel_values"][:, 2])
     assert ev["pixel_values"].min() >= -1 and ev["pixel_values"].max() <= 1
     a = task.collate(samples, torch.Generator().manual_seed(5))
     b = task.collate(samples, torch.Generator().manual_seed(5))
