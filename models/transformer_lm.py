@@ -6,7 +6,9 @@ d 768, FFN 3072, 12 heads, dropout 0.1, attention dropout 0.1, exact (erf) GELU,
 learned positions, tied input/output embeddings.  GPT2LMHeadModel has exactly these parameters (its fused c_attn
 holds fairseq's q/k/v projections), so the counts agree; fairseq's learned-position table has
 ``max_positions + padding_idx + 1`` rows (fairseq PositionalEmbedding), which is what ``n_positions`` gets here.
-What stays GPT-2's: no sqrt(d) embedding scale, positions counted from 0, HF's N(0, 0.02) initialisation.
+What stays GPT-2's: no sqrt(d) embedding scale, positions counted from 0, HF's N(0, 0.02) initialisation.  (The
+authors' script did not pass --decoder-learned-pos, so their model had sinusoidal positions and 394,752 fewer
+parameters on WikiText-103; the issue asks for learned positions, which GPT-2 has.)
 
 ``transformer_lm_wiki103`` (fairseq's arch): 16 pre-norm layers, d 1024, FFN 4096, 16 heads (the appendix; fairseq's
 arch function leaves 8, which changes no parameter count), ReLU, dropout 0.3, attention dropout 0.1, activation
@@ -365,12 +367,6 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.fc2(h))
 
 
-def make_positions(ids: Tensor, padding_idx: int) -> Tensor:
-    """fairseq utils.make_positions: non-pad tokens count from padding_idx + 1, pads get padding_idx."""
-    mask = ids.ne(padding_idx).long()
-    return torch.cumsum(mask, dim=1) * mask + padding_idx
-
-
 def sinusoidal(positions: Tensor, dim: int, padding_idx: int) -> Tensor:
     """fairseq SinusoidalPositionalEmbedding rows for ``positions`` (sin half then cos half; pad rows zero)."""
     half = dim // 2
@@ -395,7 +391,11 @@ class AdaptiveDecoder(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         x = self.embed_scale * self.embed_tokens(ids)
-        x = x + sinusoidal(make_positions(ids, self.padding_idx), x.shape[-1], self.padding_idx).to(x.dtype)
+        # fairseq's make_positions counts real tokens from padding_idx + 1; batches here are right-padded, so that
+        # is padding_idx + 1 + t for every real token (pads after them are never scored and, attention being
+        # causal, never seen), whatever the pad id is -- even a tokenizer's </s> standing in for <pad>
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + self.padding_idx + 1
+        x = x + sinusoidal(positions, x.shape[-1], self.padding_idx).to(x.dtype)
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x)

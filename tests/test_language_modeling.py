@@ -245,6 +245,11 @@ def test_adaptive_input_and_softmax_are_fairseqs():
     ids = torch.tensor([[5, 25, 100, 299]])
     want = torch.stack([e0[5] @ p0.T, e1[5] @ p1.T, e2[10] @ p2.T, e2[209] @ p2.T])
     torch.testing.assert_close(emb(ids)[0], want)
+    # fairseq's sinusoidal table: sin half then cos half, log(10000) / (d/2 - 1), the pad row zero
+    pos = lm.sinusoidal(torch.tensor([[2, 3, lm.FAIRSEQ_PAD]]), 8, lm.FAIRSEQ_PAD)[0]
+    freq = torch.exp(torch.arange(4.0) * -(math.log(10000) / 3))
+    torch.testing.assert_close(pos[1], torch.cat([(3 * freq).sin(), (3 * freq).cos()]))
+    assert pos[2].abs().sum() == 0
     sm = model.adaptive_softmax
     h = torch.randn(2, 7, 32)
     lp = sm(h)
@@ -379,6 +384,12 @@ def test_bad_data_gives_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="adaptive cutoffs .* at most the vocabulary size 8"):
         make_task(tmp_path / "cut", "--task.model", "adaptive_tiny", files={"train": TEXT, "valid": TEXT}
                   ).build_model({})
+    # resuming a run with data that give another vocabulary is refused before training
+    make_task(tmp_path / "resume", "--task.model", "tiny", files={"train": TEXT, "valid": TEXT}).build_model({})
+    other = make_task(tmp_path / "resume", "--task.model", "tiny", "--resume", "auto",
+                      files={"train": TEXT + "e f\n", "valid": TEXT})
+    with pytest.raises(ConfigError, match="vocabulary mismatch"):
+        other.build_model({})
     with pytest.raises(ConfigError, match="fd needs pre-softmax logits"):
         make_task(tmp_path / "fd", "--task.model", "adaptive_tiny", "--rdrop.mode", "fd", files={"train": TEXT})
 
