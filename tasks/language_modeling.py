@@ -68,7 +68,7 @@ FILE_CANDIDATES = {
               "val.txt", "dev.txt"),
     "test": ("wiki.test.tokens", "wiki.test.raw", "test.txt", "test.tokens", "test.raw"),
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -277,13 +277,26 @@ class WordVocab:
     def string(self, ids) -> str:
         return " ".join(self.symbols[int(i)] for i in ids)
 
+    def fingerprint(self) -> str:
+        """Identifies the id -> symbol mapping (what a trained model depends on), not the counts."""
+        return _sha1("\n".join(self.symbols))
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
 
 class SubwordVocab:
     """A `tokenizers` BPE trained here, or an HF tokenizer: each line (stripped) encoded, then end-of-line."""
 
-    def __init__(self, encode, size: int, bos: int, pad: int, eos: int, unk: int | None, decode=None):
+    def __init__(self, encode, size: int, bos: int, pad: int, eos: int, unk: int | None, decode=None,
+                 symbols: dict | None = None):
         self._encode, self._decode, self.size = encode, decode, size
         self.bos, self.pad, self.eos, self.unk = bos, pad, eos, unk
+        self._symbols = symbols or {}
+
+    def fingerprint(self) -> str:
+        return _sha1("\n".join(f"{i} {s}" for s, i in sorted(self._symbols.items(), key=lambda kv: kv[1])))
 
     def __len__(self) -> int:
         return self.size
@@ -310,7 +323,8 @@ def train_bpe(lines: list[str], vocab_size: int):
 
 
 def bpe_vocab(tok) -> SubwordVocab:
-    return SubwordVocab(lambda s: tok.encode(s).ids, tok.get_vocab_size(), BOS, PAD, EOS, UNK, tok.decode)
+    return SubwordVocab(lambda s: tok.encode(s).ids, tok.get_vocab_size(), BOS, PAD, EOS, UNK, tok.decode,
+                        tok.get_vocab())
 
 
 def hf_vocab(name: str) -> SubwordVocab:
@@ -326,7 +340,7 @@ def hf_vocab(name: str) -> SubwordVocab:
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos
     return SubwordVocab(lambda s: tok.encode(s, add_special_tokens=False), len(tok), bos, pad, eos,
-                        tok.unk_token_id, tok.decode)
+                        tok.unk_token_id, tok.decode, tok.get_vocab())
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -437,11 +451,13 @@ class LanguageModeling(Task):
                     "optim.warmup_init_lr": 1e-7, "optim.end_lr": 1e-4, "optim.clip_grad": 0.1,
                     "train.max_steps": 286000, "train.micro_batch_size": 1, "train.grad_accum": 3,
                     "eval.every_steps": 5000, "checkpoint.every_steps": 5000, "checkpoint.keep_last": 2}
-        # A small GPT on WikiText-2 for a 2-core CPU machine (the baseline vs R-Drop comparison of the README).
+        # A small GPT on WikiText-2 for a 2-core CPU machine (the baseline vs R-Drop comparison of the README):
+        # blocks of 128, 2 blocks per rank (512 tokens per step on 2 ranks), about one epoch in 4,000 steps.  On
+        # CPU the time goes into the 33,280-way softmax and KL, i.e. it grows with the tokens per step.
         small = {"task.model": "small", "task.data_dir": "../shared/data/wikitext-2", "task.tokens_per_sample": 128,
                  "task.context_window": 0, "optim.lr": 1e-3, "optim.schedule": "inverse_sqrt",
                  "optim.warmup_steps": 200, "optim.warmup_init_lr": 1e-7, "optim.weight_decay": 0.01,
-                 "train.micro_batch_size": 8, "train.grad_accum": 1, "train.max_steps": 3000,
+                 "train.micro_batch_size": 2, "train.grad_accum": 1, "train.max_steps": 4000,
                  "rdrop.alpha": 1.0, "eval.batch_size": 16, "eval.every_steps": 500,
                  "checkpoint.every_steps": 500, "checkpoint.keep_last": 1}
         return {"wikitext103_transformer_lm_gpt": gpt, "wikitext103_adaptive": adaptive, "wikitext2_small": small}
@@ -573,7 +589,8 @@ class LanguageModeling(Task):
         else:
             vocab = hf_vocab(where)
             what = f"tokenizer {where}: {len(vocab):,} symbols"
-        meta = {"tokenizer": kind if kind != "hf" else where, "vocab_size": len(vocab), "bos": vocab.bos,
+        meta = {"tokenizer": kind if kind != "hf" else where, "vocab_size": len(vocab),
+                "fingerprint": vocab.fingerprint(), "bos": vocab.bos,
                 "pad": vocab.pad, "eos": vocab.eos,
                 "unk": vocab.unk, "splits": {}}
         for split in SPLITS:
@@ -701,17 +718,17 @@ class LanguageModeling(Task):
         return config
 
     def _check_resume_vocab(self) -> None:
-        """A resumed run must use the token streams its checkpoint was trained with (DIR/lm_vocab.json)."""
+        """A resumed run must use the vocabulary its checkpoint was trained with (DIR/lm_vocab.json records it)."""
         path = os.path.join(self.run_cfg.output_dir, "lm_vocab.json")
-        mine = {"cache": os.path.basename(self.folder), "vocab_size": self.meta["vocab_size"]}
+        mine = {"vocab_size": self.meta["vocab_size"], "fingerprint": self.meta["fingerprint"]}
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
             if saved != mine:
-                raise ConfigError(f"vocabulary mismatch: the run in {self.run_cfg.output_dir} was trained on "
-                                  f"{saved['cache']} ({saved['vocab_size']} symbols) but these data/settings give "
-                                  f"{mine['cache']} ({mine['vocab_size']}): resume with the same data and "
-                                  "--task.tokenizer, or use a new --output_dir")
+                raise ConfigError(f"vocabulary mismatch: the run in {self.run_cfg.output_dir} was trained with "
+                                  f"{saved['vocab_size']} symbols (fingerprint {saved['fingerprint']}) but these "
+                                  f"data/settings give {mine['vocab_size']} ({mine['fingerprint']}): resume with the "
+                                  "same training data and --task.tokenizer, or use a new --output_dir")
         elif self.is_main:
             os.makedirs(self.run_cfg.output_dir, exist_ok=True)
             with open(path, "w") as f:
