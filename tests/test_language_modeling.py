@@ -402,6 +402,7 @@ STEPS = 6
 def _args(out, init, cache, ds="zero3", *extra):
     return ["--task", "language_modeling", "--output_dir", str(out), "--ds_config", f"ds_configs/{ds}.json",
             "--task.data_dir", str(WIKI2), "--task.cache_dir", str(cache), "--task.pretrained", str(init),
+            "--task.tokenizer", "word",                  # = the init's dict.txt; reuses the fixture's cache
             "--task.tokens_per_sample", "32", "--task.context_window", "8", "--task.eval_tokens_per_sample", "24",
             "--task.max_eval_tokens", "600", "--task.softmax_chunk_mb", "1", "--train.micro_batch_size", "2",
             "--train.max_steps", str(STEPS), "--optim.impl", "torch", "--optim.lr", "3e-3",
@@ -472,7 +473,10 @@ def test_zero3_trains_like_zero2(runs):
     assert [r["consistency"] for r in a] == pytest.approx([r["consistency"] for r in b], rel=1e-3)
     wa, wb = load_weights(runs["dirs"]["z3"]), load_weights(runs["dirs"]["z2"])
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+        # the key bias shifts every score of a query equally, so softmax cancels it: its gradient is rounding
+        # noise, which Adam scales up to lr-sized steps that differ between the two reduction orders
+        if not k.endswith("k_proj.bias"):
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_export_reloads_and_scores_like_the_run(runs, tmp_path):
