@@ -407,15 +407,86 @@ class Seq2SeqTask(Task):
         return out
 
     # -- export ----------------------------------------------------------------------------------------------
+    pipeline_tag = "text2text-generation"
+
+    def special_tokens(self) -> dict[str, str]:
+        """The tokenizer's special tokens by role, for the exported PreTrainedTokenizerFast."""
+        tok, lay = self.tokenizers()[0], self.layout
+        names = {"pad_token": lay.pad, "eos_token": lay.eos, "bos_token": lay.bos}
+        out = {k: tok.id_to_token(i) for k, i in names.items()}
+        unk = next((u for u in ("<unk>", "[UNK]") if tok.token_to_id(u) is not None), None)
+        if unk is not None:
+            out["unk_token"] = unk
+        return out
+
+    def source_template(self) -> str:
+        """The exported tokenizer's post-processing: the layout's source specials around the text."""
+        sp, lay = self.special_tokens(), self.layout
+        return (f"{sp['bos_token']} " if lay.src_bos else "") + f"$A {sp['eos_token']}"
+
+    def generation_config(self):
+        """HF GenerationConfig with the run's decoding settings.  fairseq caps the output at a * (source length)
+        + b per batch; a saved config holds one cap, so it takes a * max_source_positions + b, bounded by the
+        target positions (a trained model stops at </s> long before)."""
+        from transformers import GenerationConfig
+        c, lay = self.cfg, self.layout
+        cap = min(int(c.max_len_a * c.max_source_positions + c.max_len_b), c.max_target_positions - 1)
+        return GenerationConfig(num_beams=c.beam, length_penalty=c.lenpen, early_stopping=True, do_sample=False,
+                                max_length=max(1, cap) + 2, min_length=c.min_len + 1 if c.min_len else 0,
+                                no_repeat_ngram_size=c.no_repeat_ngram_size,
+                                decoder_start_token_id=lay.decoder_start, bos_token_id=lay.bos, eos_token_id=lay.eos,
+                                pad_token_id=lay.pad, forced_bos_token_id=None, forced_eos_token_id=None)
+
     def export(self, model, state_dict, out_dir):
+        """Weights + config, the tokenizer as a PreTrainedTokenizerFast (the layout's specials added on encode,
+        model_max_length = the source positions), generation_config.json with the run's decoding, and NAME.json
+        for the translate / summarize tools.  With separate vocabularies the target tokenizer goes to
+        ``target_tokenizer/`` (the pipelines need one joint tokenizer; the tools read both)."""
+        from engine.export import save_fast_tokenizer
         super().export(model, state_dict, out_dir)
         src_tok, tgt_tok = self.tokenizers()
         files = self.tokenizer_files()
-        src_tok.save(os.path.join(out_dir, files[0]))
+        sp = self.special_tokens()
+        save_fast_tokenizer(src_tok, out_dir, sp, model_max_length=self.cfg.max_source_positions,
+                            template=self.source_template())
         if len(files) > 1:
+            src_tok.save(os.path.join(out_dir, files[0]))
             tgt_tok.save(os.path.join(out_dir, files[1]))
+            save_fast_tokenizer(tgt_tok, os.path.join(out_dir, "target_tokenizer"), sp,
+                                model_max_length=self.cfg.max_target_positions)
+        self.generation_config().save_pretrained(out_dir)
         with open(os.path.join(out_dir, f"{self.name}.json"), "w") as f:
             json.dump({"task": self.name, **self.export_settings()}, f, indent=2)
+
+    def export_info(self) -> dict:
+        c = self.cfg
+        source = f"files in {c.data_dir}" if c.data_dir else f"hub dataset {c.dataset}"
+        joint = len(self.tokenizer_files()) == 1
+        usage = f"""```python
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{{path}}")
+model = AutoModelForSeq2SeqLM.from_pretrained("{{path}}")
+batch = tok(["{self.example_input}"], return_tensors="pt", padding=True, truncation=True)
+print(tok.batch_decode(model.generate(**batch), skip_special_tokens=True))
+```
+
+(transformers 5 removed the translation / summarization pipelines; the Auto classes above are the one-line way.)
+The decoding settings of the run (beam {c.beam}, length penalty {c.lenpen}, no-repeat n-gram {c.no_repeat_ngram_size},
+minimum length {c.min_len}) are in generation_config.json; the run capped outputs at {c.max_len_a} x source
+length + {c.max_len_b} tokens per batch, which `model.generate(..., max_length=...)` reproduces per batch; the
+saved config holds one cap for all inputs.  Over a file: `python -m tasks.{self.name} {self.tool_name} --model
+{{path}} --input FILE` (this repository)."""
+        if not joint:
+            usage += "\nThis model has separate source and target vocabularies: decode outputs with " \
+                     "`AutoTokenizer.from_pretrained(path, subfolder='target_tokenizer')`."
+        return {"pipeline_tag": self.pipeline_tag, "pipeline_kwargs": {"truncation": True},
+                "inputs": {"kind": "text"}, "data": f"{source}" + (f", first {c.max_train_examples} training "
+                                                                    f"examples" if c.max_train_examples else ""),
+                "usage": usage}
+
+    example_input = "..."
+    tool_name = "generate"
 
     def export_settings(self) -> dict:
         """What the command-line tools need beside the weights: the decoding settings and the layout."""
@@ -576,11 +647,28 @@ def _average_cmd(task_cls, args) -> int:
     model.tie_weights()
     os.makedirs(args.output, exist_ok=True)
     model.save_pretrained(args.output)
-    for name in os.listdir(template):
-        if name.startswith("tokenizer") or name == f"{task_cls.name}.json":
-            shutil.copy(os.path.join(template, name), os.path.join(args.output, name))
+    from engine.export import CARD, copy_assets
+    copy_assets(template, args.output)           # tokenizer, generation config, NAME.json, export.json
+    sub = os.path.join(template, "target_tokenizer")
+    if os.path.isdir(sub):
+        shutil.copytree(sub, os.path.join(args.output, "target_tokenizer"), dirs_exist_ok=True)
     with open(os.path.join(args.output, "averaged.json"), "w") as f:
         json.dump({"checkpoints": root, "tags": tags}, f, indent=2)
+    manifest = os.path.join(args.output, "export.json")
+    if os.path.isfile(manifest):                  # the template's facts, marked as an average of other weights
+        with open(manifest) as f:
+            m = json.load(f)
+        m.update(weights="average", averaged_tags=tags, step=None, metrics={})
+        with open(manifest, "w") as f:
+            json.dump(m, f, indent=2)
+    with open(os.path.join(args.output, CARD), "w", encoding="utf-8") as f:
+        f.write(f"# Checkpoint average ({task_cls.name}, R-Drop on DeepSpeed)\n\nThe element-wise mean of the fp32 "
+                f"weights of {', '.join(tags)} in {root} (fairseq's average_checkpoints).  Tokenizer, decoding "
+                "settings and the training run's description are those of the export in "
+                f"{template}; its card follows.\n\n")
+        card = os.path.join(template, CARD)
+        if os.path.isfile(card):
+            f.write(open(card, encoding="utf-8").read().replace(template, args.output))
     print(f"averaged {len(tags)} checkpoints ({', '.join(tags)}) -> {args.output}", flush=True)
     return 0
 

@@ -116,6 +116,9 @@ class Summarization(Seq2SeqTask):
     Config = Config
     metric = "rougeL"
     name = "summarization"
+    pipeline_tag = "summarization"
+    tool_name = "summarize"
+    example_input = "Anna: are you coming tonight? Ben: yes, at 8. Anna: great, see you!"
 
     @classmethod
     def default_overrides(cls):
@@ -198,7 +201,11 @@ class Summarization(Seq2SeqTask):
         self._hf_special = {"pad": hf_tok.pad_token_id, "bos": hf_tok.cls_token_id if hf_tok.cls_token_id is not None
                             else hf_tok.bos_token_id, "eos": hf_tok.sep_token_id if hf_tok.cls_token_id is not None
                             else hf_tok.eos_token_id}
-        return hf_tok.backend_tokenizer, hf_tok.backend_tokenizer
+        import copy
+        backend = copy.deepcopy(hf_tok.backend_tokenizer)
+        backend.no_padding()            # a saved tokenizer.json may pad / truncate every text to a fixed length
+        backend.no_truncation()         # (MiniLM's: 128); the layout and the positions flags decide here
+        return backend, backend
 
     @property
     def layout(self):

@@ -154,6 +154,9 @@ class Translation(Seq2SeqTask):
     Config = Config
     metric = "bleu"
     name = "translation"
+    pipeline_tag = "translation"
+    tool_name = "translate"
+    example_input = "Ein Mann fährt mit dem Fahrrad."
 
     @classmethod
     def default_overrides(cls):

@@ -256,3 +256,25 @@ def test_average_best_checkpoints_by_rouge(samsum_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     model = _seq2seq.load_bundle(sm.Summarization, str(tmp_path / "avg")).model
     assert model.lm_head.weight is model.model.shared.weight
+    avg = tmp_path / "avg"                    # a complete folder too: tokenizer, decoding settings, card
+    assert (avg / "generation_config.json").is_file() and (avg / "tokenizer_config.json").is_file()
+    assert "global_step2" in (avg / "README.md").read_text()
+    assert json.loads((avg / "export.json").read_text())["weights"] == "average"
+
+
+def test_export_loads_with_auto_classes_and_decodes_like_the_tool(samsum_run):
+    full, _, _ = samsum_run
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    d = str(full / "hf_model")
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForSeq2SeqLM.from_pretrained(d).eval()
+    ids = tok("Anna: hi\nBen: hello")["input_ids"]
+    assert (ids[0], ids[-1]) == (0, 2)                            # <s> ... </s>, BART's source layout
+    assert "Anna" in tok.decode(ids, skip_special_tokens=True)    # byte-level BPE round trip
+    from tasks import _text
+    docs = _text.read_table(str(SAMSUM / "samsum-validation.csv.gz"), ["dialogue"])["dialogue"][:3]
+    bundle = _seq2seq.load_bundle(sm.Summarization, d)
+    for doc in docs:
+        enc = tok([doc], return_tensors="pt", truncation=True)
+        auto = tok.batch_decode(model.generate(**enc, max_length=14), skip_special_tokens=True)[0].strip()
+        assert auto == _seq2seq.generate_lines(bundle, [doc], 2, 1.0, 0.0, 12, batch_size=1)[0]
+    assert (full / "best_model" / "generation_config.json").is_file()

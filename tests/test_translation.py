@@ -383,3 +383,30 @@ def test_average_checkpoints(two_rank_run, tmp_path):
     src_key = emb if emb in a else "model.encoder.embed_tokens.weight"
     assert torch.allclose(sd[emb], (a[src_key] + b[src_key]) / 2, atol=1e-6)
     assert model.model.decoder.output_projection.weight is model.model.decoder.embed_tokens.weight
+
+
+def test_export_loads_with_auto_classes_and_decodes_like_the_tool(two_rank_run):
+    """One documented line, no repository code: AutoTokenizer + AutoModelForSeq2SeqLM.  Per sentence with the
+    run's cap (a * source length + b), the outputs equal the translate tool's (= the engine's decoding)."""
+    out, _ = two_rank_run
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+    d = str(out / "hf_model")
+    tok, model = AutoTokenizer.from_pretrained(d), AutoModelForSeq2SeqLM.from_pretrained(d).eval()
+    gen = GenerationConfig.from_pretrained(d)
+    assert (gen.num_beams, gen.decoder_start_token_id, gen.eos_token_id) == (2, tr.EOS_ID, tr.EOS_ID)
+    assert tok("ein Hund")["input_ids"][-1] == tr.EOS_ID and tok.pad_token_id == tr.PAD_ID
+    for name in ("README.md", "export.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / "hf_model" / name).is_file()
+    src = _lines("test_2016_flickr", "de", 4)
+    bundle = tr.load_bundle(d)
+    for s in src:
+        enc = tok([s], return_tensors="pt")
+        ids = model.generate(**enc, max_length=int(1.2 * enc["input_ids"].shape[1] + 10) + 2)
+        assert tok.batch_decode(ids, skip_special_tokens=True)[0].strip() == \
+            _seq2seq.generate_lines(bundle, [s], 2, 1.0, 1.2, 10, batch_size=1)[0]
+    # the final metric is the score of the hypotheses file the run wrote
+    ev = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line][-1]
+    hyps = (out / "predictions" / "val.hyp").read_text().splitlines()
+    idx = _seq2seq.eval_subset(1014, 24)
+    refs = [r.strip() for r in _lines("val", "en", 1014)]
+    assert tr.bleu_scores(hyps, [refs[i] for i in idx])["bleu"] == pytest.approx(ev["bleu"], abs=1e-9)
