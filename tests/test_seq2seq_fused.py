@@ -196,9 +196,19 @@ def test_activation_checkpointing_flag_refuses_a_model_without_support():
 
 
 # -- short engine runs, in process -------------------------------------------------------------------------
+def _forget_deepspeed_groups():
+    """DeepSpeed caches process groups (deepspeed.utils.groups); a world destroyed through torch.distributed (as
+    other in-process tests and engine.distributed.shutdown do) leaves them pointing at a dead group."""
+    from deepspeed.utils import groups
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release()
+
+
 @pytest.fixture(scope="module")
 def world():
     from engine import distributed as du
+    _forget_deepspeed_groups()
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                                             "DS_ACCELERATOR")}
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
@@ -208,6 +218,7 @@ def world():
     yield w
     gc.collect()
     du.shutdown(w)
+    _forget_deepspeed_groups()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
