@@ -35,6 +35,9 @@ class TrainConfig:
     num_workers: int = 0          # DataLoader workers per rank; batches are deterministic whatever this is
     stop_at_step: int = 0         # leave after this step (checkpoint saved) as a preempted job would; the schedule
                                   # still runs to max_steps, and --resume auto continues; 0 = run to the end
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward (HF models:
+                                  # torch.utils.checkpoint, non-reentrant, RNG state replayed, so the R-Drop copies
+                                  # keep their own dropout masks and the recomputation reuses them)
 
 
 @dataclass

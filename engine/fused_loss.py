@@ -285,8 +285,12 @@ def fused_token_loss(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: T
 
 @torch.no_grad()
 def per_token_nll(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: Tensor | None = None,
-                  bias: Tensor | None = None, label_smoothing: float = 0.0, chunk_size: int | None = None) -> Tensor:
-    """Per-token (label-smoothed) NLL, float32, shape of target, 0 where masked; chunked, no graph (evaluation)."""
+                  bias: Tensor | None = None, label_smoothing=0.0, chunk_size: int | None = None) -> Tensor:
+    """Per-token (label-smoothed) NLL, float32, shape of target, 0 where masked; chunked, no graph (evaluation).
+    ``label_smoothing`` may be a sequence of values: then the result is [len, *target.shape], one row per value,
+    from ONE pass over the logits (evaluation reports the smoothed loss and the plain NLL together)."""
+    several = isinstance(label_smoothing, (list, tuple))
+    epss = [float(e) for e in label_smoothing] if several else [float(label_smoothing)]
     shape = target.shape
     target = target.reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -295,18 +299,21 @@ def per_token_nll(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: Tens
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     V = w32.shape[0]
-    eps_i = label_smoothing / (V - 1) if label_smoothing > 0 else 0.0
     chunk = chunk_size or default_chunk_size(V, 1)
-    out = torch.empty(target.shape[0], dtype=torch.float32, device=hidden.device)
+    out = torch.empty(len(epss), target.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, target.shape[0], chunk):
         z = torch.addmm(b32, hidden[s:s + chunk].float(), w32.t()) if b32 is not None else \
             hidden[s:s + chunk].float() @ w32.t()
         logp = z.sub_(torch.logsumexp(z, 1, keepdim=True))
-        rows = -logp.gather(1, safe[s:s + chunk, None].long()).squeeze(1)
-        if label_smoothing > 0:
-            rows = (1.0 - label_smoothing - eps_i) * rows - eps_i * logp.sum(1)
-        out[s:s + chunk] = rows * keep[s:s + chunk]
-    return out.reshape(shape)
+        nll = -logp.gather(1, safe[s:s + chunk, None].long()).squeeze(1)
+        total = logp.sum(1) if any(e > 0 for e in epss) else None
+        for k, eps in enumerate(epss):
+            rows = nll
+            if eps > 0:
+                eps_i = eps / (V - 1)
+                rows = (1.0 - eps - eps_i) * nll - eps_i * total
+            out[k, s:s + chunk] = rows * keep[s:s + chunk]
+    return out.reshape(len(epss), *shape) if several else out[0].reshape(shape)
 
 
 # -- the module that tasks attach to their model ---------------------------------------------------------------
@@ -376,8 +383,9 @@ class FusedTokenLoss(nn.Module):
 
     @torch.no_grad()
     def token_nll(self, hidden: Tensor, target: Tensor, pad_mask: Tensor | None = None,
-                  label_smoothing: float = 0.0) -> Tensor:
-        """Per-token NLL with the shape of target (evaluation), chunked, under ZeRO-3 gathered for the call."""
+                  label_smoothing=0.0) -> Tensor:
+        """Per-token NLL with the shape of target (evaluation), chunked, under ZeRO-3 gathered for the call;
+        a sequence of label_smoothing values gives one row per value from one pass (see per_token_nll)."""
         with self._gathered():
             return per_token_nll(hidden, self.weight, target, pad_mask, self.bias, label_smoothing, self.chunk_size)
 
@@ -390,11 +398,18 @@ def attach(model: nn.Module, head: nn.Module | None = None, extra_bias: str | No
     optional ``bias`` (default: model.get_output_embeddings(), so tied embeddings stay tied: the loss uses the
     same Parameter).  extra_bias: the name of a logits-bias buffer on the model (BART's "final_logits_bias").
 
-    The task's forward then gets the hidden states that the projection consumes without computing logits, e.g.
-    ``model.module.transformer(...).last_hidden_state`` (GPT-2) or ``model.module.model(...).last_hidden_state``
-    (BART); tested under ZeRO-3 with GPT-2 (calling the base model bypasses the DeepSpeed engine's forward, which
-    is fine: every submodule carries its own ZeRO-3 hooks).  T5 scales hidden by d_model**-0.5 before a tied
-    lm_head; FSMT applies its output projection inside the decoder, so it needs a hidden-returning path first."""
+    The task's forward then gets the hidden states that the projection consumes without computing logits, and
+    it must get them THROUGH the DeepSpeed engine's forward (``model(...)`` with the engine as ``model``), never
+    by calling a submodule such as ``model.module.transformer(...)``: the engine's forward hooks its outputs so
+    that backward runs ZeRO's backward prologue (accumulation boundary, ZeRO-3 bookkeeping).  Measured: ZeRO-3,
+    gradient accumulation 2, a tiny GPT-2, SGD -- through the engine the weights equal plain PyTorch's to 1e-8,
+    calling ``engine.module.transformer`` directly they are off by 0.07 (ZeRO-2 happened to be unaffected).
+    Ways through the engine: models/transformer_mt.py's and models/bart.py's ``forward(..., features_only=True)``
+    (the decoder's hidden states as ``last_hidden_state``); GPT-2 and other HF causal LMs:
+    ``model(input_ids=..., output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long))
+    .hidden_states[-1]`` (after the final layer norm; the empty index makes the head compute nothing).
+    T5 scales hidden by d_model**-0.5 before a tied lm_head; FSMT's own get_output_embeddings() is the decoder's
+    input embedding, so pass its output projection as head."""
     head = head if head is not None else model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError("attach(): the model has no output projection with a weight; pass head=")

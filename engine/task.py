@@ -37,7 +37,9 @@ and ``label_smoothing`` are read from the task's Config, their one owner.
 
 Fused token loss (engine/fused_loss.py; for large vocabularies): the task calls ``fused_loss.attach(model)`` in
 build_model (before deepspeed.initialize) and, when fused, its forward returns ``TaskOutput(None, target, pad_mask,
-hidden=<final hidden states [B, T, H]>, head=fused_loss.find(model))`` instead of logits.  The default ``loss``
+hidden=<final hidden states [B, T, H]>, head=fused_loss.find(model))`` instead of logits; the hidden states come
+from calling ``model`` itself (the DeepSpeed engine), never a submodule of it, or ZeRO's backward bookkeeping is
+skipped (fused_loss.attach says how, per model family).  The default ``loss``
 and ``rdrop_terms`` then compute NLL (+ symmetric KL / fd) chunk by chunk from hidden and the projection, never
 holding [tokens, V] logits; they refuse a task that overrides ``loss`` or ``consistency`` (the fused maths would
 silently differ).  Evaluation: ``out.scores()`` gives logits either way (computed from hidden without a graph when

@@ -29,6 +29,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Checkpoint every layer of an HF model (``activation_checkpointing_enable``, transformers >= 5) with
+    torch.utils.checkpoint(use_reentrant=False): the forward keeps only each layer's inputs and backward recomputes
+    the layer.  torch restores the RNG state for the recomputation (preserve_rng_state), so dropout replays the
+    masks of the forward: under R-Drop the two copies ([x; x] in one batch) keep their distinct masks and the
+    gradients equal those without checkpointing (tests/test_seq2seq_fused.py; the DeepSpeed#6811 concern)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--train.activation_checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing: drop the flag")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:                                    # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not optim_cfg.no_decay_bias_norm or optim_cfg.weight_decay == 0:
@@ -165,6 +181,8 @@ class Trainer:
             self.task.prepare()
         dist_utils.seed_everything(cfg.seed)            # identical initial weights on every rank
         model = self.task.build_model(self.ds)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
         if cfg.rdrop.mode in ("rdrop", "fd") and cfg.rdrop.alpha > 0 and not model_has_active_dropout(model):
             raise ConfigError(f"--rdrop.alpha {cfg.rdrop.alpha} but the model has no active dropout, so the two "
                               "passes agree and R-Drop does nothing: set the task's dropout > 0 or --rdrop.mode none")

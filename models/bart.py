@@ -7,11 +7,17 @@ attention dropout 0.1; activation dropout 0).  bart_small / bart_mini are scaled
 tests.  ``fairseq_num_params`` writes fairseq's parameter count out (the tests compare it with the HF model):
 HF's ``final_logits_bias`` is a buffer, not a parameter, so the two counts agree.
 
+``BartForRDrop`` is HF's BartForConditionalGeneration plus ``forward(..., features_only=True)``, which returns the
+BartModel output (``last_hidden_state`` = the decoder's final hidden states, before ``lm_head`` and
+``final_logits_bias``) for the fused token loss; its weights, state dict and exports are BART's.
+
 minilm2minilm: HF's EncoderDecoderModel with the offline pretrained all-MiniLM-L6-v2 (BERT, 6 layers, d 384) as
 encoder and as decoder (a causal decoder with randomly initialised cross-attention, Rothe et al. 2020's "BERT2BERT"
 warm start), sharing MiniLM's WordPiece vocabulary.
 """
 from __future__ import annotations
+
+import functools
 
 from models import hf
 
@@ -44,9 +50,26 @@ def bart_config(preset: str, vocab_size: int, *, pad: int = 1, bos: int = 0, eos
                       forced_bos_token_id=None, **arch)
 
 
-def build_bart(config, ds_config: dict, pretrained: str = ""):
+@functools.cache
+def bart_class():
+    """BartForRDrop, defined on first use (transformers is imported lazily here, as in the rest of this module)."""
     from transformers import BartForConditionalGeneration
-    return hf.build(BartForConditionalGeneration, config, ds_config, pretrained)
+
+    class BartForRDrop(BartForConditionalGeneration):
+        """BartForConditionalGeneration with ``features_only``: go through the DeepSpeed engine with it
+        (``engine(..., features_only=True)``), whose forward registers the hooks its backward relies on."""
+
+        def forward(self, *args, features_only: bool = False, **kwargs):
+            if not features_only:
+                return super().forward(*args, **kwargs)
+            kwargs.pop("labels", None)
+            return self.model(*args, **kwargs)
+
+    return BartForRDrop
+
+
+def build_bart(config, ds_config: dict, pretrained: str = ""):
+    return hf.build(bart_class(), config, ds_config, pretrained)
 
 
 def pretrained_bart_config(path: str, dropout=None, attention_dropout=None, activation_dropout=None):

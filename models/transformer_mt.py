@@ -12,6 +12,11 @@ free output projection.  Marian is also post-norm / sinusoidal / scaled, but its
 so it is not fairseq-equivalent.
 
 What this module adds to FSMT:
+  - ``features_only=True`` in forward: the decoder's final hidden states (before the output projection) as
+    ``last_hidden_state``, for the fused token loss (engine/fused_loss.py), which applies the projection itself in
+    chunks; FSMT otherwise applies the projection inside its decoder, so full [tokens, V] logits would exist;
+  - activation checkpointing (``activation_checkpointing_enable``, HF's GradientCheckpointingLayer on every encoder
+    and decoder layer; FSMT has none of its own);
   - fairseq's embedding sharing options: ``share_all_embeddings`` (one joint vocabulary: encoder input = decoder
     input = output projection) and ``share_decoder_input_output_embed`` (separate vocabularies);
   - fairseq's initialisation (xavier_uniform for projections, gain 1/sqrt(2) for q/k/v, zero biases, embeddings
@@ -27,8 +32,10 @@ import math
 import torch
 from torch import nn
 from transformers import FSMTConfig
-from transformers.models.fsmt.modeling_fsmt import (Attention, FSMTForConditionalGeneration, FSMTModel,
-                                                    PretrainedFSMTModel, SinusoidalPositionalEmbedding)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.fsmt.modeling_fsmt import (Attention, DecoderLayer, EncoderLayer, FSMTDecoder, FSMTEncoder,
+                                                    FSMTForConditionalGeneration, FSMTModel, PretrainedFSMTModel,
+                                                    SinusoidalPositionalEmbedding)
 
 from models import hf
 
@@ -56,8 +63,46 @@ PRESETS: dict[str, dict] = {
 }
 
 
+class _EncoderLayer(GradientCheckpointingLayer, EncoderLayer):
+    """FSMT's encoder layer, checkpointable (HF wraps ``forward`` in torch.utils.checkpoint when enabled)."""
+
+
+class _DecoderLayer(GradientCheckpointingLayer, DecoderLayer):
+    """FSMT's decoder layer, checkpointable."""
+
+
+class _OutputProjection(nn.Linear):
+    """fairseq's bias-free output projection.  While ``features_only`` is set (TransformerMT.forward(features_only=
+    True)) it passes the decoder's hidden states through unchanged, so the decoder returns them instead of logits.
+    A subclass of nn.Linear: the parameter name, tying and state dict are FSMT's."""
+    features_only = False
+
+    def forward(self, x):
+        return x if self.features_only else super().forward(x)
+
+
+class _Encoder(FSMTEncoder):
+    def __init__(self, config: FSMTConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList([_EncoderLayer(config) for _ in range(config.encoder_layers)])
+
+
+class _Decoder(FSMTDecoder):
+    def __init__(self, config: FSMTConfig):
+        super().__init__(config)
+        self.layers = nn.ModuleList([_DecoderLayer(config, layer_idx=i) for i in range(config.decoder_layers)])
+        self.output_projection = _OutputProjection(config.d_model, config.tgt_vocab_size, bias=False)
+
+
 class _SharedFSMTModel(FSMTModel):
-    """FSMTModel whose weight tying follows fairseq's two flags instead of FSMT's all-or-nothing."""
+    """FSMTModel whose weight tying follows fairseq's two flags instead of FSMT's all-or-nothing, with
+    checkpointable layers and an output projection that can be skipped (features_only)."""
+
+    def __init__(self, config: FSMTConfig):
+        PretrainedFSMTModel.__init__(self, config)          # FSMTModel.__init__ with our encoder and decoder
+        self.encoder = _Encoder(config)
+        self.decoder = _Decoder(config)
+        self.post_init()
 
     def _init_weights(self, module):
         _fairseq_init(self.config, module)
@@ -74,12 +119,32 @@ class _SharedFSMTModel(FSMTModel):
 
 
 class TransformerMT(FSMTForConditionalGeneration):
-    """FSMTForConditionalGeneration with fairseq's sharing flags and initialisation."""
+    """FSMTForConditionalGeneration with fairseq's sharing flags and initialisation, activation checkpointing, and
+    ``forward(..., features_only=True)``: the FSMTModel output (``last_hidden_state`` = the decoder's final hidden
+    states [B, T, d], before the output projection) instead of logits.  Go through the DeepSpeed engine with it
+    (``engine(..., features_only=True)``): the engine's forward registers the hooks its backward relies on."""
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: FSMTConfig):
         PretrainedFSMTModel.__init__(self, config)
         self.model = _SharedFSMTModel(config)
         self.post_init()
+
+    def forward(self, *args, features_only: bool = False, **kwargs):
+        if not features_only:
+            return super().forward(*args, **kwargs)
+        kwargs.pop("labels", None)
+        proj = self.model.decoder.output_projection
+        proj.features_only = True
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            proj.features_only = False
+
+    def output_projection(self) -> nn.Linear:
+        """The module that maps decoder hidden states to logits (FSMT's get_output_embeddings returns the decoder's
+        input embedding instead, which is the same weight only when the two are shared)."""
+        return self.model.decoder.output_projection
 
     def _init_weights(self, module):
         _fairseq_init(self.config, module)

@@ -7,8 +7,17 @@ token layout), ``forward``, ``num_units`` (non-pad target tokens), ``batch_stats
 (per-token loss / nll / ppl, then generation and the task's score), ``export`` (weights + tokenizer + decoding
 settings) and the command-line tools (``generate`` for a file of inputs, ``average`` for checkpoints).
 
+The loss: by default (``--task.fused_loss auto``) a target vocabulary of at least fused_loss.FUSED_MIN_VOCAB
+symbols uses the fused, chunked R-Drop token loss (engine/fused_loss.py): ``build_model`` attaches it over the
+model's output projection (``setup_fused_loss``), ``forward`` asks the model (through the DeepSpeed engine) for the
+decoder's final hidden states instead of logits (``features_only=True``), and the engine's default loss /
+rdrop_terms compute NLL + symmetric KL chunk by chunk, never holding [2 x tokens, V] logits; the evaluation loss
+pass computes per-token NLL in chunks too.  ``true`` / ``false`` force it on or off; values, gradients and whole
+runs are equal either way (tests/test_seq2seq_fused.py).
+
 A subclass supplies: ``read_split`` (raw source and target texts), ``tokenizer_recipe`` / ``train_tokenizers`` /
-``load_tokenizers``, ``layout`` (special ids), ``build_model`` / ``load_exported``, ``score`` (BLEU, ROUGE) and its
+``load_tokenizers``, ``layout`` (special ids), ``build_model`` / ``load_exported``, ``fused_head`` (the output
+projection for the fused loss, or None when the model has no hidden-states path), ``score`` (BLEU, ROUGE) and its
 ``metric``.
 
 Evaluation cost is bounded: intermediate evaluations generate for a fixed, seeded subset of
@@ -28,10 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import losses
+from engine import fused_loss, losses
 from engine.config import ConfigError
 from engine.task import Task, TaskConfig, TaskOutput
 from tasks import _text
+
+
+FUSED_SETTINGS = ("auto", "true", "false", "on", "off")
 
 
 @dataclass
@@ -55,6 +67,8 @@ class Seq2SeqConfig(TaskConfig):
     attention_dropout: float = -1.0
     activation_dropout: float = -1.0
     label_smoothing: float = 0.1
+    fused_loss: str = "auto"            # auto | true | false: the chunked fused token loss (engine/fused_loss.py);
+    #                                     auto = fused when the target vocabulary >= fused_loss.FUSED_MIN_VOCAB
     beam: int = 5
     lenpen: float = 1.0
     max_len_a: float = 1.2              # generate up to a * (longest source in the batch) + b tokens
@@ -86,6 +100,8 @@ class Seq2SeqConfig(TaskConfig):
                 raise ConfigError(f"--task.{name} must be in [0, 1) (or -1 for the preset's), got {v}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if str(self.fused_loss).lower() not in FUSED_SETTINGS:
+            raise ConfigError(f"--task.fused_loss must be auto, true or false, got {self.fused_loss!r}")
         for name in ("eval_gen_examples", "final_gen_examples", "max_train_examples", "min_len",
                      "no_repeat_ngram_size", "max_len_b"):
             if getattr(self, name) < 0:
@@ -336,15 +352,50 @@ class Seq2SeqTask(Task):
             with open(path, "w") as f:
                 json.dump(mine, f, indent=2)
 
+    # -- the fused loss --------------------------------------------------------------------------------------
+    def fused_head(self, model) -> dict | None:
+        """``fused_loss.attach`` arguments for ``model`` (head=, extra_bias=), or None when the model has no way to
+        return its final hidden states through its forward (then the loss stays unfused)."""
+        return None
+
+    def fused_wanted(self, vocab_size: int) -> bool:
+        """What ``--task.fused_loss`` asks for with this target vocabulary (auto: >= FUSED_MIN_VOCAB)."""
+        return fused_loss.want_fused(str(self.cfg.fused_loss), vocab_size)
+
+    def setup_fused_loss(self, model, vocab_size: int):
+        """Attach the fused token loss to ``model`` when ``--task.fused_loss`` asks for it (call in build_model,
+        before deepspeed.initialize).  Returns the FusedTokenLoss or None."""
+        if not self.fused_wanted(vocab_size):
+            return None
+        spec = self.fused_head(model)
+        if spec is None:
+            if str(self.cfg.fused_loss).lower() in ("true", "on"):
+                raise ConfigError(f"--task.fused_loss true but --task.model {self.cfg.model} has no hidden-states "
+                                  "path for it: use --task.fused_loss auto or false")
+            self._log(f"fused loss: not available for --task.model {self.cfg.model}, unfused")
+            return None
+        head = fused_loss.attach(model, **spec)
+        self._log(f"fused loss: on (target vocabulary {vocab_size}, chunks of "
+                  f"{fused_loss.default_chunk_size(vocab_size)} tokens per copy; --task.fused_loss false turns it off)")
+        return head
+
     # -- batches and the loss --------------------------------------------------------------------------------
     def collate(self, samples, generator=None):
         return self.layout.collate(samples)
 
     def forward(self, model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+        """Logits, or (fused loss attached) the decoder's final hidden states + the fused head.  ``model`` is the
+        DeepSpeed engine (or the bare model): the fused path goes through its forward too (engine/fused_loss.py
+        says why)."""
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
         target = batch["labels"]
-        return TaskOutput(logits=out.logits, target=target, pad_mask=target.eq(self.layout.pad))
+        pad = target.eq(self.layout.pad)
+        head = fused_loss.find(model)
+        if head is not None:
+            hidden = model(**inputs, features_only=True).last_hidden_state
+            return TaskOutput(None, target, pad, hidden=hidden, head=head)
+        return TaskOutput(logits=model(**inputs).logits, target=target, pad_mask=pad)
 
     def num_units(self, batch):
         return int(batch["labels"].ne(self.layout.pad).sum())
@@ -362,12 +413,19 @@ class Seq2SeqTask(Task):
         with torch.no_grad():
             for batch in ctx.batches(split):
                 out = self.forward(ctx.model, batch)
-                logits, target, pad = out.logits, out.target, out.pad_mask
-                for k in range(logits.shape[0]):         # per example sums, so gather() can drop shard padding
-                    local["loss"].append(losses.nll_loss(logits[k], target[k], pad[k],
-                                                         self.label_smoothing).view(1).cpu())
-                    local["nll"].append(losses.nll_loss(logits[k], target[k], pad[k], 0.0).view(1).cpu())
-                    local["tokens"].append((~pad[k]).sum().float().view(1).cpu())
+                target, pad = out.target, out.pad_mask
+                if out.fused:            # per-token NLL (smoothed and plain) in chunks: no [tokens, V] logits
+                    rows = out.head.token_nll(out.hidden, target, pad, [self.label_smoothing, 0.0]).sum(-1)
+                    loss, nll = rows[0], rows[1]
+                else:
+                    loss = torch.stack([losses.nll_loss(out.logits[k], target[k], pad[k], self.label_smoothing)
+                                        for k in range(target.shape[0])])
+                    nll = torch.stack([losses.nll_loss(out.logits[k], target[k], pad[k], 0.0)
+                                       for k in range(target.shape[0])])
+                # per example sums, so gather() can drop shard padding
+                local["loss"].append(loss.float().cpu())
+                local["nll"].append(nll.float().cpu())
+                local["tokens"].append((~pad).sum(1).float().cpu())
         r = ctx.gather(local, len(ds))
         tokens = float(r["tokens"].sum())
         nll = float(r["nll"].sum()) / tokens

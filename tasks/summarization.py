@@ -17,7 +17,9 @@ translation's); ``--task.pretrained facebook/bart-large`` (or a local copy) load
 minilm2minilm warm-starts an encoder-decoder from the offline pretrained MiniLM with its WordPiece vocabulary.
 
 Loss: label-smoothed NLL (0.1) over non-pad target tokens, the engine's per-token symmetric KL with pads masked,
-alpha 0.7 (the paper's CNN/DM value), the same reduction as translation.
+alpha 0.7 (the paper's CNN/DM value), the same reduction as translation.  BART with a vocabulary of >= 8192
+symbols (pretrained BART's 50265) uses the fused chunked loss by default, lm_head + final_logits_bias applied chunk
+by chunk (``--task.fused_loss auto|true|false``); minilm2minilm stays unfused (see ``fused_head``).
 
 Metrics: ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1 x 100 from ``rouge-score`` with the Porter stemmer.  ROUGE-Lsum
 is computed over sentences: each text is split at its newlines and after ., ! or ? followed by whitespace
@@ -228,11 +230,13 @@ class Summarization(Seq2SeqTask):
             model = bart.build_minilm2minilm(ds_config, self._pretrained_path(), pad=lay.pad, cls=lay.bos,
                                              sep=lay.eos, **drop)
             self._log(f"model minilm2minilm: vocab {vocab}, warm-started from all-MiniLM-L6-v2")
+            self.setup_fused_loss(model, vocab)
             return model
         if c.pretrained:
             config = bart.pretrained_bart_config(c.pretrained, activation_dropout=opt(c.activation_dropout), **drop)
             model = bart.build_bart(config, ds_config, c.pretrained)
             self._log(f"model {c.model} from {c.pretrained}: vocab {config.vocab_size}")
+            self.setup_fused_loss(model, config.vocab_size)
             return model
         if max(c.max_source_positions, c.max_target_positions) > 1024 and c.model in ("bart_base", "bart_large"):
             raise ConfigError("BART has 1024 learned positions: keep --task.max_*_positions <= 1024")
@@ -240,7 +244,17 @@ class Summarization(Seq2SeqTask):
                                   activation_dropout=opt(c.activation_dropout), **drop)
         n = bart.fairseq_num_params(c.model, vocab, config.max_position_embeddings)
         self._log(f"model {c.model}: vocab {vocab}, {n:,} parameters (fairseq count)")
-        return bart.build_bart(config, ds_config)
+        model = bart.build_bart(config, ds_config)
+        self.setup_fused_loss(model, vocab)
+        return model
+
+    def fused_head(self, model):
+        if self.cfg.model == "minilm2minilm":
+            # HF's EncoderDecoderModel has no features-only forward, and its BERT decoder's LM head applies a
+            # prediction transform (dense + GELU + LayerNorm) before the projection: stays unfused (MiniLM's
+            # 30522 x 384 logits are the small case; --task.fused_loss true is refused with a message).
+            return None
+        return {"head": model.lm_head, "extra_bias": "final_logits_bias"}
 
     @classmethod
     def load_exported(cls, model_dir):

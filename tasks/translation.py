@@ -20,6 +20,8 @@ batch order shuffled every epoch (engine/data.py).
 
 Loss: label-smoothed NLL (0.1) over non-pad target tokens; num_units = non-pad target tokens of one copy; the
 consistency is the engine's per-token symmetric KL with pads masked -- fairseq's R-Drop criterion (alpha 5).
+Target vocabularies of >= 8192 symbols (the WMT recipe's 32k) use the fused chunked loss by default
+(``--task.fused_loss auto|true|false``, tasks/_seq2seq.py): the same values, no [tokens, V] logits.
 
 Evaluation (valid split): loss / nll / ppl per target token from one ordinary pass, then beam search with HF
 ``generate`` (--task.beam, --task.lenpen, max length a * source length + b; a seeded subset of
@@ -234,7 +236,12 @@ class Translation(Seq2SeqTask):
                                config.share_decoder_input_output_embed)
         self._log(f"model {self.cfg.model}: vocab {vs}/{vt}, {n:,} parameters (fairseq count; "
                   f"{trainable_params(model):,} in this process, ZeRO-3 shows a shard)")
+        self.setup_fused_loss(model, vt)
         return model
+
+    def fused_head(self, model):
+        # FSMT's get_output_embeddings() is the decoder's input embedding: the projection is its own module
+        return {"head": model.output_projection()}
 
     @classmethod
     def load_exported(cls, model_dir):
