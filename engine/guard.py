@@ -51,7 +51,8 @@ class StepGuard:
         self._last_spike_report = -10 ** 9
         self._ds_skipped = int(getattr(engine, "skipped_steps", 0) or 0)
         self._pre_step_norm: torch.Tensor | None = None
-        self.zero0_norm = not hasattr(getattr(engine, "optimizer", None), "_global_grad_norm")
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+        self.zero0_norm = stage == 0 and not hasattr(getattr(engine, "optimizer", None), "_global_grad_norm")
         if self.policy == "skip" and self.zero0_norm:
             self._guard_optimizer_step()
 
