@@ -52,6 +52,28 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be saved or loaded.  One line, exit 2 (a ConfigError)."""
 
 
+_FAILPOINT_HITS: dict[str, int] = {}
+
+
+def _failpoint(name: str) -> None:
+    """Fault injection for tests (tests/test_faults.py): RDROP_FAILPOINT=NAME@N:ACTION makes the N-th pass through
+    NAME on rank 0 ``kill`` the process (SIGKILL), ``sigterm`` it, or ``sleep=S``.  Unset: nothing happens."""
+    spec = os.environ.get("RDROP_FAILPOINT")
+    if not spec or not spec.startswith(name + "@") or os.environ.get("RANK", "0") != "0":
+        return
+    count, _, action = spec[len(name) + 1:].partition(":")
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] != int(count):
+        return
+    import signal
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif action.startswith("sleep="):
+        time.sleep(float(action[len("sleep="):]))
+
+
 # ------------------------------------------------------------------------------------------------ safe loading
 def allowed_globals() -> list:
     """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints (found with
@@ -200,6 +222,8 @@ def save(ds_engine, root: str, tag: str, client_state: dict, world, config: dict
         ds_engine.save_checkpoint(root, tag=tmp_tag, client_state=client_state, save_latest=False)
     reports = dist_utils.all_gather_object((rec.files, rec.errors), world)
     errors = [e for _, errs in reports for e in errs]
+    if world.is_main:
+        _failpoint("save:written")
     if world.is_main and not errors:
         try:
             files: dict[str, int] = {}
@@ -242,6 +266,7 @@ def _commit(root: str, tmp: str, final_tag: str, is_best: bool) -> None:
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
+    _failpoint("save:renamed")
     if is_best:
         link = os.path.join(root, "best")
         previous = os.path.realpath(link) if os.path.islink(link) else None
@@ -286,9 +311,14 @@ def prune(root: str, keep_last: int) -> None:
 
 
 def sweep_partial(root: str) -> None:
-    """Remove the directories of saves that never finished (rank 0, before training)."""
+    """Remove the directories of saves that never finished (rank 0, before training), and best_stepN
+    directories the ``best`` link does not name (a kill between the rename and the link swap)."""
+    link = os.path.join(root, "best")
+    best = os.path.basename(os.path.realpath(link)) if os.path.islink(link) else None
     for d in _listdir(root):
-        if d.startswith(TMP_PREFIX):
+        if BEST_TAG.match(d) and d != best:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        elif d.startswith(TMP_PREFIX):
             p = os.path.join(root, d)
             if os.path.islink(p) or os.path.isfile(p):
                 os.unlink(p)

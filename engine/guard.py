@@ -131,8 +131,8 @@ class StepGuard:
                                       f"(--train.nonfinite stop): {fix}")
             self.consecutive += 1
             if self.consecutive > self.max_skips:
-                raise DivergenceError(f"step {step}: {what}, the {self.consecutive}th non-finite step in a row "
-                                      f"(--train.nonfinite_max_skips {self.max_skips}): {fix}")
+                raise DivergenceError(f"step {step}: {what}, {self.consecutive} non-finite steps in a row "
+                                      f"(more than --train.nonfinite_max_skips {self.max_skips}): {fix}")
             if world.is_main:
                 print(f"[engine] warning: step {step}: {what}; update skipped ({self.consecutive} in a row, "
                       f"limit {self.max_skips})", flush=True)
