@@ -380,13 +380,16 @@ common:
   --train.nonfinite stop|skip   a non-finite loss or gradient norm: stop (exit 2) or skip the update
                          (--train.nonfinite_max_skips N in a row at most); --train.loss_spike_factor F reports
                          a loss above F x the lowest so far
-exit status: 0 done, 1 internal error, 2 bad input / divergence / checkpoint problem (one line),
-             75 stopped on a signal with its checkpoint saved (requeue, then --resume auto), 128+N killed by signal N
   --recipe NAME          a named recipe of the task (its settings; flags still override)
   --train.max_steps N    optimizer steps (0 = --train.max_epochs epochs)
   --rdrop.mode none|rdrop|duplicate   --rdrop.alpha A   --rdrop.alpha_schedule constant|linear_with_lr
   --task.FIELD VALUE     the task's own settings (printed by --help with --task NAME)
 all sections: """
+
+
+EXIT_STATUS = """exit status: 0 done; 2 one error line: bad input, divergence, a checkpoint that cannot be loaded or saved;
+  75 stopped on SIGTERM/SIGINT with a checkpoint of the last step saved (requeue, then --resume auto);
+  128+N aborted by signal N (second signal or --train.save_grace_s deadline); 1 anything else (traceback)"""
 
 
 def help_text(task_config_cls=None) -> str:
@@ -398,4 +401,5 @@ def help_text(task_config_cls=None) -> str:
         defaults = task_config_cls()
         lines.append("  [task] " + "  ".join(f"--task.{f}={getattr(defaults, f)!r}"
                                              for f in _field_types(task_config_cls)))
+    lines.append(EXIT_STATUS)
     return "\n".join(lines)
