@@ -66,9 +66,17 @@ Environment:
                          TP_SOCKET_IFNAME, CCL_*, FI_*, HF_*, TRANSFORMERS_*, KMP_*, MKL_* variable.
                          PYTHONPATH (with this repository first) travels through DeepSpeed itself.
 
+Signals (SLURM --signal=TERM@120, scancel, Kubernetes, Ctrl-C): the first SIGTERM/SIGINT is passed
+to the ranks on this node (not to DeepSpeed's runner, which would die at once and orphan them); every
+rank finishes its optimizer step, one checkpoint of that step is saved, and the job exits 75 (requeue
+it; --resume auto continues there). A second signal aborts the save (the previous checkpoint stays).
+This script never returns while its ranks still run: if the launcher dies first, it waits for the
+ranks (up to --train.save_grace_s + 15 s, default 40 s) before it kills them.
+
 On exit it removes /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_* of its own run (the
 CPU shm-allreduce buffers DeepSpeed never unlinks), stops any process of its launcher still alive,
-and returns the launcher's exit status. Validation errors print one line and exit with status 2.
+and returns the launcher's exit status: 0 done, 2 bad input (one line), 75 stopped on a signal with
+the checkpoint saved, other values a failure.
 EOF
 }
 
@@ -215,6 +223,16 @@ for ((i = 0; i < ${#TRAIN[@]}; i++)); do
         --task=*) task="${TRAIN[i]#--task=}" ;;
     esac
 done
+# How long the ranks may take to save after a signal (engine flag --train.save_grace_s, default 25 s).
+GRACE_S=25
+for ((i = 0; i < ${#TRAIN[@]}; i++)); do
+    case "${TRAIN[i]}" in
+        --train.save_grace_s) [ $((i + 1)) -lt ${#TRAIN[@]} ] && GRACE_S="${TRAIN[i + 1]}" ;;
+        --train.save_grace_s=*) GRACE_S="${TRAIN[i]#--train.save_grace_s=}" ;;
+    esac
+done
+GRACE_S="${GRACE_S%%.*}"; is_uint "$GRACE_S" || GRACE_S=25
+[ "$GRACE_S" -gt 0 ] || GRACE_S=3600          # 0 = no deadline in the engine; do not wait forever here
 ENGINE_DEFAULTS=()
 [[ "$MODULE" =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] || die "--train_module must be a dotted module name (got '$MODULE')"
 if [ "$MODULE" = engine.train ]; then
@@ -371,9 +389,35 @@ set -m
 "${CMD[@]}" </dev/null &
 child=$!
 set +m
+MODULE_RE="(^| )-m ${MODULE//./\\.}( |$)"
+rank_pids() {  # the training processes in the launcher's process group (this node's ranks)
+    command -v pgrep >/dev/null 2>&1 || return 0
+    local p
+    for p in $(pgrep -g "$child" 2>/dev/null); do
+        tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qE -- "$MODULE_RE" && echo "$p"
+    done
+}
+group_alive() { kill -0 -- "-$child" 2>/dev/null; }
+SIGNALLED=0
 forward() {
-    echo "$PROG: got SIG$1, passing it to the launcher" >&2
-    kill -s "$1" "$child" 2>/dev/null
+    # The ranks themselves get the signal: they agree on a stop at the next step boundary, save, and exit 75,
+    # which DeepSpeed's launcher passes back up. DeepSpeed's runner has no SIGTERM handler on a local run: it
+    # would exit at once and leave its ranks running. With pdsh/mpirun the ranks are not in this process group
+    # (the runner forwards the signal to them itself).
+    local pids
+    pids="$(rank_pids)"
+    if [ "$SIGNALLED" = 0 ]; then
+        echo "$PROG: got SIG$1, passing it to the ranks: they finish the step, save a checkpoint and exit 75 (a second signal aborts the save)" >&2
+    else
+        echo "$PROG: got SIG$1 again, passing it on: the ranks abort the save" >&2
+    fi
+    SIGNALLED=1
+    if [ -n "$pids" ]; then
+        # shellcheck disable=SC2086
+        kill -s "$1" $pids 2>/dev/null
+    else
+        kill -s "$1" "$child" 2>/dev/null
+    fi
 }
 trap 'forward INT' INT
 trap 'forward TERM' TERM
@@ -383,10 +427,17 @@ while :; do
     if [ $rc -gt 128 ] && kill -0 "$child" 2>/dev/null; then continue; fi
     break
 done
-# Sweep what is left of the launcher's process group (ranks of a launcher killed by a signal).
-if kill -0 -- "-$child" 2>/dev/null; then
-    kill -TERM -- "-$child" 2>/dev/null
-    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$child" 2>/dev/null || break; sleep 0.5; done
+# The launcher is gone. Ranks still in its process group either are saving after a signal or lost their
+# launcher (killed, crashed): they stop at the next step and save, so give them the grace time, then kill.
+if group_alive; then
+    if [ "$SIGNALLED" = 0 ]; then
+        pids="$(rank_pids)"
+        # shellcheck disable=SC2086
+        [ -z "$pids" ] || kill -TERM $pids 2>/dev/null
+    fi
+    echo "$PROG: the launcher exited ($rc) but ranks are still running: waiting up to $((GRACE_S + 15)) s for them" >&2
+    deadline=$((SECONDS + GRACE_S + 15))
+    while group_alive && [ $SECONDS -lt $deadline ]; do sleep 0.5; done
     kill -KILL -- "-$child" 2>/dev/null
 fi
 if [ $rc -ne 0 ]; then echo "$PROG: launcher exited with status $rc" >&2; fi

@@ -38,6 +38,13 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward (HF models:
                                   # torch.utils.checkpoint, non-reentrant, RNG state replayed, so the R-Drop copies
                                   # keep their own dropout masks and the recomputation reuses them)
+    save_grace_s: float = 25.0    # after SIGTERM/SIGINT: finish the step, save, exit 75 within this many seconds,
+                                  # else abort the save (the previous checkpoint stays); 0 = no deadline.  Below
+                                  # the usual 30 s before SIGKILL (Kubernetes, torchrun, DeepSpeed's launcher)
+    nonfinite: str = "stop"       # a step with a non-finite loss or gradient norm: stop (exit 2, nothing saved from
+                                  # those weights) | skip (the update is not applied; see nonfinite_max_skips)
+    nonfinite_max_skips: int = 5  # with --train.nonfinite skip: stop after more than this many in a row
+    loss_spike_factor: float = 10.0  # report a step whose loss exceeds this many times the lowest so far; 0 = off
 
 
 @dataclass
@@ -111,6 +118,7 @@ CHOICES = {
     ("optim", "schedule"): ("constant", "inverse_sqrt", "linear", "polynomial", "cosine"),
     ("rdrop", "mode"): RDROP_MODES,
     ("rdrop", "alpha_schedule"): ("constant", "linear_with_lr"),
+    ("train", "nonfinite"): ("stop", "skip"),
 }
 
 
@@ -298,8 +306,29 @@ def _one_batch_owner(cfg: RunConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------- validation
 
+def _non_finite_floats(cfg: RunConfig) -> list[str]:
+    """--section.field flags (task ones included) whose float value is nan or inf."""
+    import math
+    out = []
+    for name in SECTIONS:
+        obj = getattr(cfg, name)
+        out += [f"{name}.{f.name}" for f in dataclasses.fields(obj)
+                if isinstance(getattr(obj, f.name), float) and not math.isfinite(getattr(obj, f.name))]
+    if cfg.task_cfg is not None and dataclasses.is_dataclass(cfg.task_cfg):
+        out += [f"task.{f.name}" for f in dataclasses.fields(cfg.task_cfg)
+                if isinstance(getattr(cfg.task_cfg, f.name), float) and not math.isfinite(getattr(cfg.task_cfg,
+                                                                                                   f.name))]
+    return out
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no model or machine; each failure is one line naming the fix."""
+    bad = _non_finite_floats(cfg)
+    if bad:
+        flag = bad[0]
+        section, name = flag.split(".", 1)
+        value = getattr(cfg.task_cfg if section == "task" else getattr(cfg, section), name)
+        raise ConfigError(f"--{flag} is {value}: pass a finite number")
     for (section, name), allowed in CHOICES.items():
         val = getattr(getattr(cfg, section), name)
         if val not in allowed:
@@ -315,7 +344,10 @@ def validate(cfg: RunConfig) -> None:
                     ("checkpoint.every_steps", cfg.checkpoint.every_steps),
                     ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps),
                     ("train.num_workers", cfg.train.num_workers), ("dist.omp_threads", cfg.dist.omp_threads),
-                    ("train.stop_at_step", cfg.train.stop_at_step), ("train.max_tokens", cfg.train.max_tokens)]
+                    ("train.stop_at_step", cfg.train.stop_at_step), ("train.max_tokens", cfg.train.max_tokens),
+                    ("train.save_grace_s", cfg.train.save_grace_s),
+                    ("train.nonfinite_max_skips", cfg.train.nonfinite_max_skips),
+                    ("train.loss_spike_factor", cfg.train.loss_spike_factor)]
     for flag, val in non_negative:
         if val < 0:
             raise ConfigError(f"--{flag} must be >= 0, got {val}")
@@ -347,12 +379,22 @@ required:
   --ds_config PATH       DeepSpeed JSON from ds_configs/ (ZeRO stage, offload, precision)
 common:
   --seed N               base seed (dropout gets a different, reproducible stream per rank)
-  --resume auto|DIR      continue from DIR/checkpoints (auto) or from a checkpoint directory
+  --resume auto|DIR      continue from DIR/checkpoints (auto: the newest complete checkpoint) or from one
+                         checkpoint directory (it must be complete)
+  --train.save_grace_s S on SIGTERM/SIGINT finish the step, save, exit 75 (requeue); abort after S s (default 25)
+  --train.nonfinite stop|skip   a non-finite loss or gradient norm: stop (exit 2) or skip the update
+                         (--train.nonfinite_max_skips N in a row at most); --train.loss_spike_factor F reports
+                         a loss above F x the lowest so far
   --recipe NAME          a named recipe of the task (its settings; flags still override)
   --train.max_steps N    optimizer steps (0 = --train.max_epochs epochs)
   --rdrop.mode none|rdrop|duplicate   --rdrop.alpha A   --rdrop.alpha_schedule constant|linear_with_lr
   --task.FIELD VALUE     the task's own settings (printed by --help with --task NAME)
 all sections: """
+
+
+EXIT_STATUS = """exit status: 0 done; 2 one error line: bad input, divergence, a checkpoint that cannot be loaded or saved;
+  75 stopped on SIGTERM/SIGINT with a checkpoint of the last step saved (requeue, then --resume auto);
+  128+N aborted by signal N (second signal or --train.save_grace_s deadline); 1 anything else (traceback)"""
 
 
 def help_text(task_config_cls=None) -> str:
@@ -364,4 +406,5 @@ def help_text(task_config_cls=None) -> str:
         defaults = task_config_cls()
         lines.append("  [task] " + "  ".join(f"--task.{f}={getattr(defaults, f)!r}"
                                              for f in _field_types(task_config_cls)))
+    lines.append(EXIT_STATUS)
     return "\n".join(lines)

@@ -131,6 +131,30 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def all_gather_object(obj, world: World) -> list:
+    """Every rank's ``obj`` (small, picklable), in rank order, on every rank."""
+    if world.world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    parts = [None] * world.world_size
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
+def broadcast_object(obj, world: World, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank."""
+    if world.world_size == 1 or not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_problems(problems: list[str], world: World) -> list[str]:
+    """Every rank's problem messages, merged (rank order) on every rank: so that all ranks fail together with the
+    same one-line message and rank 0, which prints, knows what another rank found."""
+    return [p for part in all_gather_object(list(problems), world) for p in part]
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -160,4 +184,22 @@ def shutdown(world: World | None, clean: bool = True) -> None:
             torch.distributed.destroy_process_group()
         except Exception:
             pass
+        _forget_deepspeed_groups()
     gc.collect()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches groups of the process group it first saw (deepspeed.utils.groups); after destroying it,
+    drop them so that a second run in the same process (a notebook, an in-process test) builds fresh ones."""
+    try:
+        from deepspeed.utils import groups
+    except ImportError:
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()

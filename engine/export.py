@@ -174,8 +174,8 @@ def consolidated_state_dict(ckpt_root: str, tag: str, stage: int) -> dict:
     ZeRO-0 (where that API fails) the module state of mp_rank_00_model_states.pt."""
     import torch
     if stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(ckpt_root, tag=tag)
+        from engine.checkpoint import fp32_state_dict     # zero_to_fp32 with every torch.load weights_only
+        return fp32_state_dict(ckpt_root, tag)
     path = os.path.join(ckpt_root, tag, "mp_rank_00_model_states.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)["module"]
     return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}

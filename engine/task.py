@@ -13,6 +13,7 @@ How the engine uses a task, in order::
     sizes = task.example_sizes(train)           # only with --train.max_tokens: per-example lengths [N] or [N, K]
                                                 #   that engine/data.py packs into token batches (fairseq's
                                                 #   batch_by_size); None = this task batches by examples
+    task.check_data(splits, dataset)            # before training: every needed split builds and reads cleanly
     batch = task.collate(samples, generator)    # dict of tensors, first dim = examples. generator is a seeded
                                                 #   torch.Generator for training-time augmentation, None in eval
     n = task.num_units(batch)                   # units this batch contributes to the loss (examples or target
@@ -143,6 +144,18 @@ class Task:
         """Work that must happen once per run before anything is built (training a BPE, writing a vocabulary).
         The trainer calls it on rank 0 first, then (after a barrier) on the other ranks, which then only load
         what rank 0 wrote.  Default: nothing."""
+
+    def check_data(self, splits: list[str], dataset=None) -> None:
+        """Check, before training starts, every split the run will read (the training split and the evaluation
+        split), so that bad data fails in one line (a ConfigError naming the file, the line and the fix) instead
+        of after hours of training.  ``dataset(split)`` builds or returns a split (the trainer passes its cached
+        getter; default ``build_dataset``).  Default: build each split and require it to be non-empty, which
+        reads and parses every file the split comes from.  Override to check what building does not touch
+        (e.g. decode images that are read lazily); call ``super().check_data`` first."""
+        dataset = dataset or self.build_dataset
+        for split in dict.fromkeys(splits):
+            if len(dataset(split)) == 0:
+                raise ConfigError(f"the {split} split is empty: point the task at data with examples")
 
     def build_model(self, ds_config: dict) -> nn.Module:
         raise NotImplementedError

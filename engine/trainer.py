@@ -16,10 +16,12 @@ import time
 import deepspeed
 import torch
 
-from engine import checkpoint, data, ds_config as dsc, schedules
+from engine import checkpoint, data, ds_config as dsc, preflight, schedules
 from engine import export as hf_export
 from engine import distributed as dist_utils
 from engine.config import ConfigError, RunConfig, dumps
+from engine.guard import StepGuard
+from engine.preempt import Preempted
 from engine.monitor import Monitor
 from engine.rdrop import rdrop_loss
 from engine.task import model_has_active_dropout
@@ -151,8 +153,10 @@ class EvalContext:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, world: dist_utils.World):
+    def __init__(self, cfg: RunConfig, world: dist_utils.World, preemption=None):
         self.cfg, self.world = cfg, world
+        self.preemption = preemption                  # engine/preempt.py: read once per step by the guard
+        self.last_saved_step = -1
         self.task = cfg.task_class(cfg, world)
         self.engine = None
         self._datasets: dict = {}
@@ -171,6 +175,8 @@ class Trainer:
         cfg, world = self.cfg, self.world
         on_cpu = world.device.type == "cpu"
         self.ds = dsc.resolve(dsc.load(cfg.ds_config), cfg, world.world_size, cfg.ds_config, on_cpu)
+        preflight.check_ds_config(self.ds, cfg.ds_config)
+        preflight.check_shared_output_dir(cfg.output_dir, world)
         self.eval_split = cfg.eval.split or self.task.default_eval_split
 
         # once-per-run preparation (BPE training, vocabularies): rank 0 first, the others then load its output
@@ -179,6 +185,7 @@ class Trainer:
         dist_utils.barrier()
         if not world.is_main:
             self.task.prepare()
+        self.task.check_data(["train", self.eval_split], self.dataset)   # every split the run reads, up front
         dist_utils.seed_everything(cfg.seed)            # identical initial weights on every rank
         model = self.task.build_model(self.ds)
         if cfg.train.activation_checkpointing:
@@ -196,31 +203,57 @@ class Trainer:
                   + (f"; {tok.dropped} examples longer than --train.max_tokens left out" if tok.dropped else ""),
                   flush=True)
         self.total_steps = cfg.train.max_steps or self.batches.steps_per_epoch * cfg.train.max_epochs
+        if world.is_main:
+            for w in preflight.warnings_for_run(cfg, self.total_steps):
+                print(f"[engine] warning: {w}", flush=True)
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim), config=self.ds,
             lr_scheduler=schedules.build(cfg.optim, self.total_steps))
         self.stage = dsc.zero_stage(self.ds)
+        self.guard = StepGuard(cfg, self.engine, world, dsc.precision(self.ds), self.preemption, cfg.log.every_steps)
         dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed, world.rank))  # dropout differs per rank
 
         self.resolved = {**cfg.to_dict(), "ds_config_resolved": self.ds, "world_size": world.world_size,
                          "total_steps": self.total_steps, **hf_export.command_record(cfg, world.world_size)}
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-        found = checkpoint.find(cfg.resume, cfg.output_dir, cfg.checkpoint.universal) if cfg.resume else None
-        if found is not None:
-            client = checkpoint.load(self.engine, *found, world)
-            self.start_step = int(client["step"])
-            self.best = client.get("best")
-            if client.get("world_size") != world.world_size:
-                dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
-            if world.is_main:
-                print(f"[engine] resumed from {os.path.join(*found)} at step {self.start_step}", flush=True)
+        if cfg.resume:
+            self.resume()
         if world.is_main:
+            checkpoint.sweep_partial(self.ckpt_root)         # saves a kill cut short: never visible, now gone
             os.makedirs(cfg.output_dir, exist_ok=True)
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
                 f.write(dumps(self.resolved))
         self.monitor = Monitor(cfg.output_dir, self.engine, world.is_main, self.total_steps, self.start_step,
                                cfg.log.progress)
+
+    def resume(self) -> None:
+        """Continue from --resume auto|DIR: the newest complete checkpoint (engine/checkpoint.py), checked for
+        pickled code and against this run's config (task, ZeRO stage, number of ranks) before it is loaded."""
+        cfg, world = self.cfg, self.world
+        log = print if world.is_main else (lambda *a, **k: None)
+        found = checkpoint.find(cfg.resume, cfg.output_dir, cfg.checkpoint.universal, log=lambda m: log(m, flush=True))
+        if found is None:
+            return
+        where = os.path.join(*found)
+        checkpoint.scan(*found, world)
+        saved = checkpoint.saved_config(*found)
+        diff = preflight.check_resume(saved, self.resolved, world.world_size, cfg.checkpoint.universal, where)
+        try:
+            client = checkpoint.load(self.engine, *found, world)
+        except checkpoint.CheckpointError as e:
+            if diff:
+                raise checkpoint.CheckpointError(f"{e} (the checkpoint's config differs: {'; '.join(diff[:4])})") \
+                    from None
+            raise
+        self.start_step = self.last_saved_step = int(client["step"])
+        self.best = client.get("best")
+        if client.get("world_size") != world.world_size:
+            dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
+        if world.is_main:
+            print(f"[engine] resumed from {where} at step {self.start_step}", flush=True)
+            if diff:
+                print(f"[engine] note: settings changed since the checkpoint: {'; '.join(diff)}", flush=True)
 
     # ------------------------------------------------------------------------------------------- train
     def alpha(self) -> float:
@@ -231,11 +264,6 @@ class Trainer:
 
     def current_lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
-
-    def _grad_norm_stage0(self) -> float:
-        sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in self.engine.module.parameters()
-                 if p.grad is not None)
-        return math.sqrt(sq)
 
     def micro_batches(self, step: int):
         """Yields (step, [accum collated micro-batches]) from ``step`` on, through a DataLoader if workers > 0."""
@@ -261,8 +289,8 @@ class Trainer:
         """One optimizer step over this rank's ``accum`` micro-batches.
 
         Returns the step's local sums: ``loss, nll, consistency`` as one float64 tensor on the device (no host
-        sync per micro-step), ``units, samples, units x copies`` as host floats, and, if asked on ZeRO-0, the
-        grad norm."""
+        sync per micro-step), ``units, samples, units x copies`` as host floats, and, if asked (ZeRO-0, which
+        keeps no norm of its own), the grad norm as a device tensor."""
         task, engine, world = self.task, self.engine, self.world
         accum = len(group)
         units = [float(task.num_units(b)) for b in group]
@@ -280,7 +308,7 @@ class Trainer:
             out = rdrop_loss(task, engine, batch, self.cfg.rdrop.mode, alpha)
             engine.backward(out.loss * scale)
             if want_norm and j == accum - 1:    # ZeRO-0 keeps no norm of its own; grads are reduced by now
-                norm = self._grad_norm_stage0()
+                norm = self.guard.grad_norm_on_device(engine.module)
             engine.step()
             device_sums += torch.stack([out.loss.detach(), out.nll, out.consistency]).double()
             host_sums[1] += float(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])
@@ -294,19 +322,22 @@ class Trainer:
         dev_sums, host_sums = torch.zeros(3, dtype=torch.float64, device=world.device), [0.0] * 3
         t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
         engine.train()
+        if self.guard.stop_agreed():            # signalled while setting up: nothing new to save
+            raise Preempted(step, self.preemption.reason, None)
         for group in self.micro_batches(self.start_step):
-            will_log = bool(log_every) and ((step + 1) % log_every == 0 or step + 1 >= self.total_steps)
-            want_norm = self.stage == 0 and will_log
             alpha, lr = self.alpha(), self.current_lr()      # what this step uses (the scheduler steps inside)
-            step_dev, step_host, norm0 = self.train_step(group, alpha, want_norm)
-            dev_sums += step_dev
-            host_sums = [a + b for a, b in zip(host_sums, step_host)]
-            grad_norm = norm0 if norm0 is not None else grad_norm
+            step_dev, step_host, norm0 = self.train_step(group, alpha, want_norm=self.guard.zero0_norm)
             step += 1
+            # one small all-reduce per step: non-finite loss / grad norm (raises under --train.nonfinite stop),
+            # exploding loss, and whether any rank was asked to stop (engine/guard.py)
+            verdict = self.guard.after_step(step, step_dev[0], step_host[0], norm0)
+            if not verdict.skipped:
+                dev_sums += step_dev
+                host_sums = [a + b for a, b in zip(host_sums, step_host)]
+            grad_norm = verdict.grad_norm
             self.monitor.advance()
-            if will_log:                     # every log_every steps, and always the run's last step
-                norm = engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else grad_norm
+            will_log = bool(log_every) and (step % log_every == 0 or step >= self.total_steps or verdict.stop)
+            if will_log and host_sums[0] > 0:   # every log_every steps, the run's last step, a preemption step
                 names = sorted(self._stats)      # the same names on every rank: tasks report them per batch
                 flat = dev_sums.tolist() + host_sums + [v for n in names for v in self._stats[n]]
                 reduced = dist_utils.all_reduce_sum(flat, world)
@@ -320,11 +351,12 @@ class Trainer:
                     record[n] = num / den if den else float("nan")
                 self.monitor.log("train", step, record)
                 self._stats = {}
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}: lower --optim.lr or set "
-                                             "--optim.clip_grad (e.g. 1.0)")
                 dev_sums.zero_()
                 host_sums, t_last = [0.0] * 3, time.perf_counter()
+            if verdict.stop:                     # preemption: save this step (every rank), then leave
+                saved = self.save(step)
+                self.preemption.finish()
+                raise Preempted(step, self.preemption.reason, saved)
             is_last = step >= self.total_steps
             stop = step == cfg.train.stop_at_step
             if (eval_every and step % eval_every == 0) or is_last:
@@ -353,7 +385,7 @@ class Trainer:
         self.monitor.log("eval", step, metrics)
         self.final_metrics = {"step": step, "split": self.eval_split, **metrics}
         value = metrics.get(self.task.metric)
-        if value is not None and self.cfg.checkpoint.save_best:
+        if value is not None and math.isfinite(value) and self.cfg.checkpoint.save_best:
             better = self.best is None or (value > self.best if self.task.metric_mode == "max" else value < self.best)
             if better:
                 self.best = value
@@ -370,22 +402,24 @@ class Trainer:
         return checkpoint.save(self.engine, self.ckpt_root, tag, self._client_state(step), self.world,
                                self.resolved, self.cfg.checkpoint.keep_last)
 
-    def save(self, step: int) -> None:
-        self._save_tag(f"global_step{step}", step)
+    def save(self, step: int) -> str:
+        """The step checkpoint (once per step: a preemption right after a periodic save reuses it)."""
+        path = os.path.join(self.ckpt_root, f"global_step{step}")
+        if step != self.last_saved_step:
+            path = self._save_tag(f"global_step{step}", step)
+            self.last_saved_step = step
         self.last_tag = f"global_step{step}"
+        return path
 
     def export(self) -> str | None:
-        """Consolidated fp32 weights in HF save_pretrained format (DIR/hf_model), from the last checkpoint, and the
-        best checkpoint's as DIR/best_model: complete folders (engine/export.py adds the card)."""
+        """Consolidated fp32 weights in HF save_pretrained format (DIR/hf_model), gathered over the process
+        group from the live engine (the same weights as the last checkpoint; nothing is read back from disk), and
+        the best checkpoint's as DIR/best_model: complete folders (engine/export.py adds the card)."""
         if not self.cfg.checkpoint.export_hf or not hasattr(self, "last_tag") or getattr(self, "stopped_early", 0):
             return None
         out = os.path.join(self.cfg.output_dir, "hf_model")
+        sd = checkpoint.consolidated_state_dict(self.engine, self.world)
         if self.world.is_main:
-            if self.stage >= 1:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-                sd = get_fp32_state_dict_from_zero_checkpoint(self.ckpt_root, tag=self.last_tag)
-            else:
-                sd = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
             self.task.export(self.engine.module, sd, out)
             hf_export.complete(self, out, "final")       # model card + export.json
             hf_export.export_best(self)                 # DIR/best_model (--checkpoint.export_best)

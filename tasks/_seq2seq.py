@@ -688,13 +688,13 @@ def _generate_cmd(task_cls, args) -> int:
 def _average_cmd(task_cls, args) -> int:
     if bool(args.last) == bool(args.best) or min(args.last, args.best) < 0:
         raise ConfigError("pass exactly one of --last N or --best N (N >= 1)")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from engine.checkpoint import fp32_state_dict   # DeepSpeed's zero_to_fp32, loading with weights_only=True
     root = args.checkpoints
     tags = checkpoint_tags(root, args.last, args.best, task_cls.metric)
     template = args.model or os.path.join(os.path.dirname(os.path.abspath(root)), "hf_model")
     if not os.path.isfile(os.path.join(template, f"{task_cls.name}.json")):
         raise ConfigError(f"no exported model at {template} to take the config and tokenizer from: pass --model DIR")
-    avg = average_state_dicts([get_fp32_state_dict_from_zero_checkpoint(root, tag=t) for t in tags])
+    avg = average_state_dicts([fp32_state_dict(root, t) for t in tags])
     model = task_cls.load_exported(template)
     missing, unexpected = model.load_state_dict(avg, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(getattr(model, "_tied_weights_keys", []) or [])

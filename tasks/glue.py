@@ -198,7 +198,23 @@ def _finish(spec: Spec, rows: list, path: str, labeled: bool) -> GlueSplit:
 
 
 def read_tsv(spec: Spec, path: str, labeled: bool, skip_malformed: bool = False) -> GlueSplit:
-    """A GLUE TSV (download_glue_data.py layout).  CoLA train/dev have no header (source, label, mark, sentence)."""
+    """A GLUE TSV (download_glue_data.py layout).  CoLA train/dev have no header (source, label, mark, sentence).
+    Invalid UTF-8 is one ConfigError naming the file and the line."""
+    try:
+        return _read_tsv(spec, path, labeled, skip_malformed)
+    except UnicodeDecodeError as e:
+        line = "?"
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    line = n
+                    break
+        raise ConfigError(f"{path} is not valid UTF-8 (line {line}: {e.reason}): re-encode it as UTF-8") from None
+
+
+def _read_tsv(spec: Spec, path: str, labeled: bool, skip_malformed: bool = False) -> GlueSplit:
     csv.field_size_limit(sys.maxsize)
     rows = []
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -528,6 +544,14 @@ class Glue(Task):
         m = compute_glue_metrics(self.spec.name, r["pred"].numpy(), r["target"].numpy())
         m["loss"] = float(r["loss"].mean())
         return m
+
+    def check_data(self, splits, dataset=None) -> None:
+        """The engine's splits plus what the final evaluation reads: MNLI's mismatched dev set and the test
+        split(s) the submission files come from, so a bad file there fails before training, not after it."""
+        extra = ["valid_mm"] if self.spec.name == "mnli" else []
+        if self.cfg.write_predictions:
+            extra += ["test", "test_mm"] if self.spec.name == "mnli" else ["test"]
+        super().check_data(list(splits) + [s for s in extra if s not in splits and self.has_split(s)], dataset)
 
     def evaluate(self, ctx, split):
         if split.startswith("test"):

@@ -143,6 +143,13 @@ def load_local_split(data_dir: str, split: str) -> ImageSet:
                      glob.glob(os.path.join(data_dir, split, "*.parquet")))
     import datasets
     if parquet:
+        import pyarrow.parquet as pq
+        for f in parquet:        # a truncated or corrupt file fails here, by name, not deep inside datasets
+            try:
+                pq.read_metadata(f)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+                raise ConfigError(f"{f} is not a readable parquet file ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120]}): re-download or remove it") from None
         ds = load_hf_split(datasets.load_dataset("parquet", data_files={split: parquet}, split=split))
         folder_name = os.path.basename(os.path.normpath(data_dir)).lower().replace("-", "").replace("_", "")
         if ds.names is None and folder_name == "cifar10" and len(ds) and int(np.max(ds.labels)) <= 9:
@@ -260,6 +267,33 @@ class ImageClassification(Task):
 
     def image_size(self) -> int:
         return self.cfg.image_size or PRESETS[self.cfg.model]["image_size"]
+
+    def check_data(self, splits, dataset=None) -> None:
+        """Every split builds (the default), and every image the run will read decodes: images are decoded
+        lazily during training, so a corrupt file would otherwise stop the run when its batch comes up.  The
+        ranks share the work and fail together with the first bad file."""
+        super().check_data(splits, dataset)
+        from engine import distributed as dist_utils
+        dataset = dataset or self.build_dataset
+        rank, world = (self.world.rank, self.world.world_size) if self.world is not None else (0, 1)
+        problems = []
+        for split in dict.fromkeys(splits):
+            ds = dataset(split)
+            if ds.decode is None:
+                continue
+            for i in range(rank, len(ds), world):
+                try:
+                    ds[i]
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad image
+                    img = ds.images[i]
+                    where = img.get("path") if isinstance(img, dict) and img.get("path") else f"example {i}"
+                    problems.append(f"the {self._split_name(split)} split: {where} is not a readable image "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:100]}): fix or remove it")
+                    break
+        if self.world is not None:
+            problems = dist_utils.gather_problems(problems, self.world)
+        if problems:
+            raise ConfigError(problems[0])
 
     # -- model -----------------------------------------------------------------------------------------
     def build_model(self, ds_config: dict):

@@ -388,8 +388,12 @@ def test_sigterm_to_launch_sh_stops_the_whole_job(tmp_path, port):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"launch.sh still running {KILL_DEADLINE_S} s after SIGTERM")
     out = proc.communicate()[0]
-    assert proc.returncode != 0, out[-4000:]
-    assert "launch.sh: got SIGTERM, passing it to the launcher" in out
+    # The ranks finished their step, saved it, and the job says "requeue me" (75), which --resume auto continues.
+    assert proc.returncode == 75, out[-4000:]
+    assert "launch.sh: got SIGTERM, passing it to the ranks" in out
+    m = re.search(r"\[engine\] stopped on SIGTERM after step (\d+): saved", out)
+    assert m, out[-4000:]
+    assert assert_last_checkpoint_complete(out_dir) == int(m.group(1))
     assert wait_for(lambda: not rank_processes(str(out_dir)), 15, (), "the ranks to disappear")
     assert not shm_files(port)
 
