@@ -57,6 +57,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     momentum: float = 0.9         # sgd only
+    nesterov: bool = False        # sgd only: Nesterov momentum (fairseq's NAG optimizer); needs momentum > 0
     no_decay_bias_norm: bool = False  # exclude biases and norm weights from weight decay (HF/BERT style)
     clip_grad: float = 0.0        # max global grad norm; 0 = off.  Explicit because DeepSpeed defaults to 1.0
     schedule: str = "linear"      # constant | inverse_sqrt | linear | polynomial | cosine
@@ -355,6 +356,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("nothing to train: set --train.max_steps N or --train.max_epochs N (> 0)")
     if cfg.dist.timeout_s <= 0:
         raise ConfigError(f"--dist.timeout_s must be > 0, got {cfg.dist.timeout_s}")
+    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
+        raise ConfigError(f"--optim.nesterov true needs --optim.name sgd and --optim.momentum > 0 (got "
+                          f"{cfg.optim.name}, momentum {cfg.optim.momentum}): drop the flag or use SGD with momentum")
     if cfg.optim.schedule == "inverse_sqrt" and cfg.optim.warmup_steps == 0:
         raise ConfigError("--optim.schedule inverse_sqrt needs --optim.warmup_steps > 0 (fairseq: 4000)")
     if cfg.rdrop.mode in ("none", "duplicate") and cfg.rdrop.alpha_schedule != "constant":

@@ -31,7 +31,10 @@ def optimizer_block(cfg: RunConfig) -> dict:
     """The DeepSpeed optimizer section for the run config's optimizer."""
     o = cfg.optim
     if o.name == "sgd":
-        return {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}}
+        params = {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}
+        if o.nesterov:              # only when asked: heavy-ball SGD blocks stay as they were
+            params["nesterov"] = True
+        return {"type": "SGD", "params": params}
     params = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
               "torch_adam": o.impl == "torch"}
     if o.name == "adam":
