@@ -8,6 +8,7 @@ is refused because they define no ``TASK``.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -21,25 +22,34 @@ BPE_VERSION = 1          # bump when a tokenizer recipe changes (part of every c
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8", newline="") if path.endswith(".gz") else \
-        open(path, encoding="utf-8", newline="")
+def open_text(path: str, encoding: str = "utf-8"):
+    return gzip.open(path, "rt", encoding=encoding, newline="") if path.endswith(".gz") else \
+        open(path, encoding=encoding, newline="")
 
 
-def _decode_error(path: str, e: UnicodeDecodeError, lines_read: int) -> ConfigError:
-    return ConfigError(f"{path} is not valid UTF-8 (line {lines_read + 1}: {e.reason}): re-encode it as UTF-8, "
-                       "e.g. iconv -f latin1 -t utf-8")
+def _decode_error(path: str, e: UnicodeDecodeError, lines_read: int, encoding: str = "utf-8") -> ConfigError:
+    if codecs.lookup(encoding).name == "utf-8":
+        return ConfigError(f"{path} is not valid UTF-8 (line {lines_read + 1}: {e.reason}): re-encode it as UTF-8, "
+                           "e.g. iconv -f latin1 -t utf-8")
+    return ConfigError(f"{path} is not valid {encoding} text (line {lines_read + 1}: {e.reason}): give the file's "
+                       f"real encoding or re-encode it (iconv -f FROM -t {encoding})")
 
 
-def read_lines(path: str) -> list[str]:
-    """Lines without their line ending.  Invalid UTF-8 or an unreadable .gz is one ConfigError naming the file."""
+def read_lines(path: str, encoding: str = "utf-8") -> list[str]:
+    """Lines without their line ending (\\n, \\r\\n and \\r end a line, as in Python's text files, and nothing else:
+    not the other characters str.splitlines() breaks on).  ``encoding``: of the file (UTF-8 by default).  Invalid
+    text, an unknown encoding or an unreadable .gz is one ConfigError naming the file (and the line)."""
     out: list[str] = []
     try:
-        with open_text(path) as f:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(f"{encoding!r} is not a known text encoding: use e.g. utf-8 or latin-1") from None
+    try:
+        with open_text(path, encoding) as f:
             for line in f:
                 out.append(line.rstrip("\n").rstrip("\r"))
     except UnicodeDecodeError as e:
-        raise _decode_error(path, e, len(out)) from None
+        raise _decode_error(path, e, len(out), encoding) from None
     except (OSError, EOFError) as e:
         raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}): check the file (a truncated or "
                           "corrupt .gz?)") from None

@@ -55,10 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine import losses
+from engine import fused_loss, losses
 from engine.config import ConfigError
 from engine.task import Task, TaskConfig, TaskOutput
 from models import transformer_lm as lm
+from tasks import _text
 
 IGNORE = -100                                   # target of a position that is not scored (padding, context)
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")    # fairseq Dictionary order: bos 0, pad 1, eos 2, unk 3
@@ -70,7 +71,8 @@ FILE_CANDIDATES = {
               "val.txt", "dev.txt"),
     "test": ("wiki.test.tokens", "wiki.test.raw", "test.txt", "test.tokens", "test.raw"),
 }
-CACHE_VERSION = 2
+CACHE_VERSION = 3                               # 3: BPE from _text.train_bpe (a space before every line's first word)
+FUSED_SETTINGS = ("auto", "true", "false", "on", "off")
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Config(TaskConfig):
     adaptive_softmax_dropout: float = -1.0    # adaptive models only
     adaptive_cutoffs: str = ""      # e.g. 20000,60000; "" = the preset's
     label_smoothing: float = 0.0
+    fused_loss: str = "auto"        # GPT models: auto | true | false, the chunked fused token loss (engine/fused_loss.py);
+                                    # auto = fused when the vocabulary >= fused_loss.FUSED_MIN_VOCAB (WikiText's 33k)
     softmax_chunk_mb: int = 256     # adaptive softmax: size of one chunk's pair of fp32 [c, V] log-prob tensors
     softmax_chunk_tokens: int = 0   # positions per chunk instead (0 = from softmax_chunk_mb)
 
@@ -124,6 +128,8 @@ class Config(TaskConfig):
             v = getattr(self, name)
             if v != -1.0 and not 0 <= v < 1:
                 raise ConfigError(f"--task.{name} must be in [0, 1) (or -1 for the preset's), got {v}")
+        if str(self.fused_loss).lower() not in FUSED_SETTINGS:
+            raise ConfigError(f"--task.fused_loss must be auto, true or false, got {self.fused_loss!r}")
         if self.softmax_chunk_mb <= 0 or self.softmax_chunk_tokens < 0:
             raise ConfigError("--task.softmax_chunk_mb must be > 0 and --task.softmax_chunk_tokens >= 0")
         try:
@@ -197,27 +203,6 @@ SPACE_NORMALIZER = re.compile(r"\s+")
 def tokenize_line(line: str) -> list[str]:
     """fairseq.tokenizer.tokenize_line."""
     return SPACE_NORMALIZER.sub(" ", line).strip().split()
-
-
-def read_lines(path: str, encoding: str = "utf-8") -> list[str]:
-    """The lines of a text file (newline characters removed); one-line errors for empty or undecodable files."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not {encoding} text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
-                          "convert it (iconv -t utf-8) or pass --task.encoding (e.g. latin-1)") from None
-    except LookupError:
-        raise ConfigError(f"--task.encoding {encoding!r} is not a known text encoding: use e.g. utf-8") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror}): check the path and its permissions") from None
-    if not text.strip():
-        raise ConfigError(f"{path} is empty (no text): point the task at a file with text")
-    # the lines Python's text-mode file iteration gives (fairseq reads so): \n, \r\n and \r end a line, but not
-    # the other characters str.splitlines() also breaks on (\x1c-\x1e, \x85, \u2028, \u2029)
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
 
 
 def word_count(lines: list[str]) -> int:
@@ -314,14 +299,9 @@ class SubwordVocab:
 
 
 def train_bpe(lines: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(unk_token=SPECIALS[UNK]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((line.strip() for line in lines if line.strip()), trainer)
-    return tok
+    """A byte-level BPE (GPT-2's kind: no unknown symbols) on the non-empty lines, the four specials first."""
+    return _text.train_bpe([line.strip() for line in lines if line.strip()], vocab_size, list(SPECIALS),
+                           kind="byte_level")
 
 
 def bpe_vocab(tok) -> SubwordVocab:
@@ -390,20 +370,48 @@ class LMBlocks:
 
 # ---------------------------------------------------------------------------------------------- the task
 
-@dataclass
-class LMOutput(TaskOutput):
-    """TaskOutput of an adaptive-softmax model: ``hidden`` [N, T, d] instead of logits (the full [N, T, V] is
-    never built), and the module that scores it."""
-    hidden: Tensor | None = None
-    softmax: object = None
+class AdaptiveTokenLoss:
+    """The fused-loss head of engine/task.py (``TaskOutput.head``) for an adaptive softmax, so that the engine's
+    default loss / rdrop_terms / evaluation serve both model families: called like engine.fused_loss.FusedTokenLoss
+    on hidden states [copies x N, T, d] it returns (NLL summed over the scored tokens of all copies, symmetric KL
+    or None).  The NLL alone is fairseq's adaptive loss (only the target's tail is evaluated); label smoothing and
+    the KL need the FULL distribution, produced in chunks of ``chunk_tokens(rows)`` positions per copy and
+    recomputed in backward (models/adaptive_lm.py, AdaptiveSoftmax.forward)."""
 
-    def split(self):
-        n = self.target.shape[0] // 2
+    def __init__(self, softmax, chunk_tokens):
+        self.softmax, self.chunk_tokens = softmax, chunk_tokens
 
-        def half(t, first):
-            return None if t is None else (t[:n] if first else t[n:])
-        return tuple(LMOutput(half(self.logits, f), half(self.target, f), half(self.pad_mask, f),
-                              half(self.hidden, f), self.softmax) for f in (True, False))
+    def __call__(self, hidden: Tensor, target: Tensor, pad_mask: Tensor | None = None, label_smoothing: float = 0.0,
+                 consistency: str | None = "kl", copies: int = 2) -> tuple[Tensor, Tensor | None]:
+        if consistency not in (None, "kl"):
+            raise ValueError(f"the adaptive softmax has no {consistency!r} consistency term (no pre-softmax logits)")
+        h = hidden.reshape(copies, -1, hidden.shape[-1])              # [copies, N*T, d], copy a's rows first
+        t = target.reshape(-1)
+        if pad_mask is not None:                                     # scored positions only
+            keep = ~pad_mask.reshape(-1)
+            h, t = h[:, keep], t[keep]
+        ls = label_smoothing
+        if consistency is None and ls == 0:                          # fairseq's adaptive loss
+            return self.softmax(h.reshape(-1, h.shape[-1]), target=t.repeat(copies)).sum(), None
+
+        def sums(lp, tt):        # one chunk of every copy's full distribution: NLL of each copy (+ symmetric KL)
+            nll = sum(losses.nll_loss(lp[k], tt, None, ls) for k in range(copies))
+            return torch.stack([nll, losses.symmetric_kl(lp[0], lp[1])]) if consistency else nll.reshape(1)
+        out = self.softmax(h, reduce=sums, extras=(t,), chunk_tokens=self.chunk_tokens(copies))
+        return out[0], (out[1] if consistency else None)
+
+    @torch.no_grad()
+    def token_nll(self, hidden: Tensor, target: Tensor, pad_mask: Tensor | None = None,
+                  label_smoothing: float = 0.0) -> Tensor:
+        """Per-position NLL (evaluation), 0 where not scored; only the target's tail is evaluated."""
+        if label_smoothing:
+            raise ValueError("the adaptive softmax's evaluation NLL is unsmoothed")
+        return self.softmax(hidden, target=target if pad_mask is None else target.masked_fill(pad_mask, IGNORE))
+
+    @torch.no_grad()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Full log-probabilities (softmax and argmax read them as logits)."""
+        return self.softmax(hidden)
 
 
 def unwrap(model):
@@ -424,42 +432,47 @@ class LanguageModeling(Task):
         return {"optim.name": "adamw", "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-8,
                 "optim.weight_decay": 0.01, "optim.lr": 5e-4, "optim.schedule": "inverse_sqrt",
                 "optim.warmup_steps": 4000, "optim.warmup_init_lr": 1e-7, "optim.clip_grad": 0.0,
-                "rdrop.alpha": 1.0, "train.micro_batch_size": 4, "eval.batch_size": 4}
+                "rdrop.alpha": 1.0, "train.max_tokens": 2048, "eval.batch_size": 4}
 
     @classmethod
     def recipes(cls):
         wiki103 = {"task.dataset": "wikitext", "task.dataset_config": "wikitext-103-v1",
                    "task.eval_tokens_per_sample": 512, "task.context_window": 400,   # the authors' eval script
                    "rdrop.mode": "rdrop", "rdrop.alpha": 1.0, "eval.batch_size": 2}
-        # The authors' train_lm_wiki103_rdrop.sh: transformer_lm_gpt, shared embeddings, dropout 0.1, Adam(0.9,
-        # 0.98) wd 0.01, lr 5e-4 inverse_sqrt, 4,000 warmup from 1e-7, no clipping, blocks of 512, --max-tokens
-        # 2000 (= 3 blocks) x update-freq 16 x 8 GPUs = 384 blocks (196,608 tokens) per update, 50k updates.
-        # The batch below is per rank: with W ranks set --train.grad_accum 128/W (W=8: 16).
+        # fairseq's transformer_lm recipe (examples/language_model, which the authors' train_lm_wiki103_rdrop.sh
+        # follows): transformer_lm_gpt, shared embeddings, dropout 0.1, Adam(0.9, 0.98) wd 0.01, lr 5e-4
+        # inverse_sqrt, 4,000 warmup from 1e-7, no clipping, blocks of 512, --max-tokens 2048 (4 blocks) x
+        # update-freq 16 per GPU, 50k updates (the appendix).  (The authors' script says --max-tokens 2000, i.e. 3
+        # blocks, since fairseq packs whole blocks.)  The batch is per rank: with W ranks set --train.grad_accum
+        # 128/W to keep fairseq's 8 GPUs x 16 (W=8: 16).
         gpt = {**wiki103, "task.model": "transformer_lm_gpt", "task.tokens_per_sample": 512, "task.dropout": 0.1,
                "task.attention_dropout": 0.1, "optim.name": "adamw", "optim.beta1": 0.9, "optim.beta2": 0.98,
                "optim.eps": 1e-8, "optim.weight_decay": 0.01, "optim.clip_grad": 0.0, "optim.lr": 5e-4,
                "optim.schedule": "inverse_sqrt", "optim.warmup_steps": 4000, "optim.warmup_init_lr": 1e-7,
-               "train.max_steps": 50000, "train.micro_batch_size": 3, "train.grad_accum": 16,
+               "train.max_steps": 50000, "train.max_tokens": 2048, "train.grad_accum": 16,
                "eval.every_steps": 1000, "checkpoint.every_steps": 1000, "checkpoint.keep_last": 2}
         # The authors' train_lm_adaptive_wiki103_rdrop.sh / fairseq's README.adaptive_inputs: transformer_lm_wiki103,
         # blocks of 3,072 tokens, --max-tokens 3072 (1 block) x update-freq 3 x 8 GPUs = 24 blocks per update,
         # 286k updates (the appendix; their script says 320k), lr 1.0 with 16k warmup from 1e-7 then one cosine
-        # period of 270k updates down to 1e-4 (t-mult 2 never starts a second period), clip 0.1.  fairseq's
-        # optimizer is NAG (Nesterov, momentum 0.99); the engine has SGD with heavy-ball momentum only, used here
-        # with momentum 0.99 until --optim supports Nesterov.  With W ranks set --train.grad_accum 24/W.
+        # period of 270k updates down to 1e-4 (t-mult 2 never starts a second period), clip 0.1, fairseq's NAG
+        # optimizer: SGD with Nesterov momentum 0.99 (fairseq's NAG scales the momentum buffer by the lr ratio when
+        # the lr changes, torch's SGD does not; the update is otherwise the same).  With W ranks set
+        # --train.grad_accum 24/W.
         adaptive = {**wiki103, "task.model": "transformer_lm_wiki103", "task.tokens_per_sample": 3072,
-                    "optim.name": "sgd", "optim.impl": "torch", "optim.momentum": 0.99, "optim.weight_decay": 0.0,
+                    "optim.name": "sgd", "optim.impl": "torch", "optim.momentum": 0.99, "optim.nesterov": True,
+                    "optim.weight_decay": 0.0,
                     "optim.lr": 1.0, "optim.schedule": "cosine", "optim.warmup_steps": 16000,
                     "optim.warmup_init_lr": 1e-7, "optim.end_lr": 1e-4, "optim.clip_grad": 0.1,
-                    "train.max_steps": 286000, "train.micro_batch_size": 1, "train.grad_accum": 3,
+                    "train.max_steps": 286000, "train.max_tokens": 3072, "train.grad_accum": 3,
                     "eval.every_steps": 5000, "checkpoint.every_steps": 5000, "checkpoint.keep_last": 2}
-        # A small GPT on WikiText-2 for a 2-core CPU machine (the baseline vs R-Drop comparison of the README):
-        # blocks of 128, 2 blocks per rank (512 tokens per step on 2 ranks), about one epoch in 4,000 steps.  On
-        # CPU the time goes into the 33,280-way softmax and KL, i.e. it grows with the tokens per step.
+        # A small GPT on WikiText-2 for a 2-core CPU machine (the baseline vs R-Drop comparison, results/
+        # lm_wikitext2): blocks of 128, 256 tokens (2 blocks) per rank, 512 per step on 2 ranks, about one epoch in
+        # 4,000 steps.  On CPU the time goes into the 33,280-way softmax and KL, i.e. it grows with the tokens per
+        # step; the fused loss (auto at this vocabulary) keeps the [tokens, V] logits out of memory.
         small = {"task.model": "small", "task.data_dir": "../shared/data/wikitext-2", "task.tokens_per_sample": 128,
                  "task.context_window": 0, "optim.lr": 1e-3, "optim.schedule": "inverse_sqrt",
                  "optim.warmup_steps": 200, "optim.warmup_init_lr": 1e-7, "optim.weight_decay": 0.01,
-                 "train.micro_batch_size": 2, "train.grad_accum": 1, "train.max_steps": 4000,
+                 "train.max_tokens": 256, "train.grad_accum": 1, "train.max_steps": 4000,
                  "rdrop.alpha": 1.0, "eval.batch_size": 16, "eval.every_steps": 500,
                  "checkpoint.every_steps": 500, "checkpoint.keep_last": 1}
         return {"wikitext103_transformer_lm_gpt": gpt, "wikitext103_adaptive": adaptive, "wikitext2_small": small}
@@ -476,6 +489,9 @@ class LanguageModeling(Task):
         if self.adaptive and mode == "fd":
             raise ConfigError("--rdrop.mode fd needs pre-softmax logits, which an adaptive softmax does not have: "
                               "use a GPT preset or --rdrop.mode rdrop|duplicate|none")
+        if self.adaptive and str(c.fused_loss).lower() in ("true", "on"):
+            raise ConfigError("--task.fused_loss true is for GPT models: the adaptive softmax computes its own "
+                              "chunked loss (--task.softmax_chunk_mb); use --task.fused_loss auto or false")
 
     def _log(self, msg: str) -> None:
         if self.is_main:
@@ -513,15 +529,12 @@ class LanguageModeling(Task):
         if src is None:
             raise self.missing_split_error(split)
         if src[0] == "file":
-            return read_lines(src[1], self.cfg.encoding)
+            lines = _text.read_lines(src[1], self.cfg.encoding)
+            if not any(t.strip() for t in lines):
+                raise ConfigError(f"{src[1]} is empty (no text): point the task at a file with text")
+            return lines
         _, name, config, hub_split = src
-        import datasets
-        try:
-            ds = datasets.load_dataset(name, config or None, split=hub_split)
-        except Exception as e:            # offline, unknown name, missing split
-            msg = str(e).splitlines()[0][:160] if str(e) else ""
-            raise ConfigError(f"could not load hub dataset {name!r} ({config or 'default'}) split {hub_split!r} "
-                              f"({type(e).__name__}: {msg}): go online once, or pass --task.data_dir") from None
+        ds = _text.load_hub(name, config, hub_split)
         if "text" not in ds.column_names:
             raise ConfigError(f"hub dataset {name!r} has columns {ds.column_names}: a 'text' column is needed")
         lines = [t[:-1] if t.endswith("\n") else t for t in ds["text"]]
@@ -748,20 +761,38 @@ class LanguageModeling(Task):
             model = lm.build_gpt(config, ds_config, c.pretrained)
             n = lm.fairseq_num_params_gpt(c.model, config.vocab_size, self.max_positions()) \
                 if not c.pretrained else None
+            self._setup_fused_loss(model, config.vocab_size)
         count = f"{n:,} parameters (fairseq's count; " if n is not None else "("
         self._log(f"model {c.pretrained or c.model}: vocab {config.vocab_size:,}, {count}"
                   f"{lm.trainable_params(model):,} in this process, a shard under ZeRO-3)")
         return model
 
-    # -- forward and losses ---------------------------------------------------------------------------------
+    def _setup_fused_loss(self, model, vocab_size: int) -> None:
+        """GPT: attach the fused token loss over the tied lm_head when --task.fused_loss asks for it (before
+        deepspeed.initialize).  The adaptive softmax has its own chunked loss (AdaptiveTokenLoss)."""
+        if self.adaptive or not fused_loss.want_fused(str(self.cfg.fused_loss), vocab_size):
+            return
+        fused_loss.attach(model)
+        self._log(f"fused loss: on (vocabulary {vocab_size:,}, chunks of {fused_loss.default_chunk_size(vocab_size)} "
+                  "tokens per copy; --task.fused_loss false turns it off)")
+
+    # -- forward --------------------------------------------------------------------------------------------
     def forward(self, model, batch):
-        labels = batch["labels"]
+        """Logits (GPT, unfused), or the final hidden states + a head that scores them in chunks: the fused token
+        loss (GPT) or the adaptive softmax.  Either way the hidden states come from calling ``model`` (the DeepSpeed
+        engine) itself, never a submodule of it (engine/fused_loss.py says why)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        pad = labels.eq(IGNORE)
         if self.adaptive:
-            hidden = model(input_ids=batch["input_ids"]).last_hidden_state
-            return LMOutput(None, labels, labels.eq(IGNORE), hidden=hidden,
-                            softmax=unwrap(model).adaptive_softmax)
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        return LMOutput(logits, labels, labels.eq(IGNORE))
+            hidden = model(input_ids=ids, features_only=True).last_hidden_state
+            head = AdaptiveTokenLoss(unwrap(model).adaptive_softmax, self.chunk_tokens)
+            return TaskOutput(None, labels, pad, hidden=hidden, head=head)
+        head = fused_loss.find(model)
+        if head is not None:          # the lm_head computes nothing (an empty index), the fused loss projects
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=True,
+                        logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device))
+            return TaskOutput(None, labels, pad, hidden=out.hidden_states[-1], head=head)
+        return TaskOutput(model(input_ids=ids, use_cache=False).logits, labels, pad)
 
     def chunk_tokens(self, rows: int = 1) -> int:
         """Positions per chunk so that ``rows`` fp32 [c, V] log-prob tensors fit in --task.softmax_chunk_mb."""
@@ -769,46 +800,11 @@ class LanguageModeling(Task):
             return self.cfg.softmax_chunk_tokens
         return max(1, self.cfg.softmax_chunk_mb * 2 ** 20 // (4 * rows * self.meta["vocab_size"]))
 
-    @staticmethod
-    def _scored(out: LMOutput) -> tuple[Tensor, Tensor]:
-        keep = ~out.pad_mask.reshape(-1)
-        return out.hidden.reshape(-1, out.hidden.shape[-1])[keep], out.target.reshape(-1)[keep]
-
-    def loss(self, out):
-        if out.hidden is None:
-            return super().loss(out)
-        h, t = self._scored(out)
-        if self.label_smoothing == 0:                    # fairseq's adaptive loss: only the target's tail
-            return out.softmax(h, target=t).sum()
-        ls = self.label_smoothing
-        return out.softmax(h, reduce=lambda lp, tt: losses.nll_loss(lp, tt, None, ls), extras=(t,),
-                           chunk_tokens=self.chunk_tokens())
-
-    def consistency(self, a, b):
-        if a.hidden is None:
-            return super().consistency(a, b)
-        (ha, _), (hb, _) = self._scored(a), self._scored(b)
-        return a.softmax(torch.stack([ha, hb]), reduce=lambda lp: losses.symmetric_kl(lp[0], lp[1]),
-                         chunk_tokens=self.chunk_tokens(2))
-
-    def rdrop_terms(self, out, consistency="kl"):
-        if out.hidden is None or consistency != "kl":
-            return super().rdrop_terms(out, consistency)
-        a, b = out.split()
-        (ha, t), (hb, _) = self._scored(a), self._scored(b)
-        ls = self.label_smoothing
-
-        def pair(lp, tt):       # one chunk of both copies' full distributions: NLL of both + symmetric KL
-            nll = losses.nll_loss(lp[0], tt, None, ls) + losses.nll_loss(lp[1], tt, None, ls)
-            return torch.stack([nll, losses.symmetric_kl(lp[0], lp[1])])
-        sums = out.softmax(torch.stack([ha, hb]), reduce=pair, extras=(t,), chunk_tokens=self.chunk_tokens(2))
-        return sums[0], sums[1]
-
     # -- evaluation -----------------------------------------------------------------------------------------
-    def token_nll(self, out: LMOutput) -> Tensor:
-        """NLL (natural log) of every position [N, T]; 0 where not scored."""
-        if out.hidden is not None:
-            return out.softmax(out.hidden, target=out.target.masked_fill(out.pad_mask, IGNORE))
+    def token_nll(self, out: TaskOutput) -> Tensor:
+        """NLL (natural log) of every position [N, T]; 0 where not scored; chunked when the output is."""
+        if out.fused:
+            return out.head.token_nll(out.hidden, out.target, out.pad_mask)
         nll = F.cross_entropy(out.logits.float().transpose(1, 2), out.target, ignore_index=IGNORE,
                               reduction="none")
         return nll.masked_fill(out.pad_mask, 0.0)
@@ -840,18 +836,113 @@ class LanguageModeling(Task):
                 self._log("no test split: skipping the final test evaluation")
         return metrics
 
+    def check_data(self, splits, dataset=None):
+        """The training and evaluation splits, and the test split that the final evaluation scores."""
+        self.prepare()
+        if self.cfg.eval_test and "test" in self.meta["splits"]:
+            splits = [*splits, "test"]
+        super().check_data(splits, dataset)
+
     # -- export ---------------------------------------------------------------------------------------------
+    def special_tokens(self) -> dict[str, str]:
+        return {"bos_token": SPECIALS[BOS], "eos_token": SPECIALS[EOS], "pad_token": SPECIALS[PAD],
+                "unk_token": SPECIALS[UNK]}
+
+    def save_tokenizer(self, out_dir: str) -> None:
+        """The run's tokenizer as a complete HF tokenizer in ``out_dir``: the word vocabulary as a WordLevel
+        PreTrainedTokenizerFast (word_tokenizer), the BPE trained here as one, or the pretrained tokenizer used."""
+        from engine.export import clean_tokenizer_files, save_fast_tokenizer
+        kind = self.meta["tokenizer"]
+        if kind == "word":
+            tok = word_tokenizer(self.vocab)
+        elif kind == "bpe":
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(os.path.join(self.folder, "tokenizer.json"))
+        else:                                   # an HF tokenizer (gpt2, or a --task.pretrained directory)
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(kind).save_pretrained(out_dir)
+            clean_tokenizer_files(out_dir)
+            return
+        # no clean-up of tokenization spaces on decode: it would glue WikiText's " 's" / " ," to the word before,
+        # and the text-generation pipeline cuts the prompt off the decoded text by its length
+        save_fast_tokenizer(tok, out_dir, self.special_tokens(), model_max_length=self.max_positions(),
+                            clean_up_tokenization_spaces=False)
+
+    def generation_config(self):
+        """Greedy continuation that stops at the end of a line (</s>, fairseq's line-end symbol) or at the longest
+        context the run trained on."""
+        from transformers import GenerationConfig
+        m = self.meta
+        return GenerationConfig(do_sample=False, max_length=self.max_positions(), bos_token_id=m["bos"],
+                                eos_token_id=m["eos"], pad_token_id=m["pad"])
+
     def export(self, model, state_dict, out_dir):
+        """A complete HF folder: weights + config (the adaptive model with its code, adaptive_lm.py, and config.json's
+        auto_map for trust_remote_code), the tokenizer (tokenizer.json + tokenizer_config.json), generation_config.json,
+        and for --task.pretrained / this task's tools the fairseq dict.txt and language_model.json."""
         super().export(model, state_dict, out_dir)
-        for name in ("dict.txt", "tokenizer.json"):
-            src = os.path.join(self.folder, name)
-            if os.path.isfile(src):
-                shutil.copy(src, os.path.join(out_dir, name))
+        self.save_tokenizer(out_dir)
+        self.generation_config().save_pretrained(out_dir)
+        if self.meta["tokenizer"] == "word":
+            shutil.copy(os.path.join(self.folder, "dict.txt"), os.path.join(out_dir, "dict.txt"))
         info = {k: self.meta[k] for k in ("tokenizer", "vocab_size", "bos", "pad", "eos", "unk")}
         info.update(model=self.cfg.pretrained or self.cfg.model, adaptive=self.adaptive,
-                    tokens_per_sample=self.cfg.tokens_per_sample)
+                    tokens_per_sample=self.cfg.tokens_per_sample, eval_tokens_per_sample=self.eval_window(),
+                    context_window=self.cfg.context_window)
         with open(os.path.join(out_dir, "language_model.json"), "w") as f:
             json.dump(info, f, indent=2)
+
+    def export_info(self) -> dict:
+        c = self.cfg
+        remote = ", trust_remote_code=True" if self.adaptive else ""
+        window, context = self.eval_window(), c.context_window
+        source = f"files in {c.data_dir}" if c.data_dir else (c.train_file or f"hub dataset {c.dataset} "
+                                                              f"{c.dataset_config}".strip())
+        usage = f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+generate = pipeline("text-generation", model="{{path}}"{remote})
+print(generate("The tower is", max_new_tokens=30)[0]["generated_text"])     # greedy, stops at the line end
+```
+
+Perplexity as the engine measured it: every line of the text, then the end-of-line symbol
+`{SPECIALS[EOS] if self.meta["tokenizer"] in ("word", "bpe") else "eos_token"}`, as one token stream, scored in
+windows of {window} tokens whose first {context} are context only (fairseq eval_lm --context-window {context}):
+
+```python
+import math, torch
+import torch.nn.functional as F
+
+tok = AutoTokenizer.from_pretrained("{{path}}")
+model = AutoModelForCausalLM.from_pretrained("{{path}}"{remote}).eval()
+lines = open("wiki.test.tokens", encoding="utf-8").read().split("\\n")[:-1]
+stream = [i for line in lines for i in tok(line.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+new, context, nll = {window - context}, {context}, 0.0
+with torch.no_grad():
+    for s in range(0, len(stream), new):
+        start, end = max(0, s - context), min(s + new, len(stream))
+        inputs = ([tok.eos_token_id] + stream[:end - 1]) if start == 0 else stream[start - 1:end - 1]
+        logits = model(input_ids=torch.tensor([inputs])).logits[0].float()
+        nll += F.cross_entropy(logits[s - start:], torch.tensor(stream[s:end]), reduction="sum").item()
+print("perplexity", math.exp(nll / len(stream)))
+```"""
+        if self.adaptive:
+            usage += ("\n\nThe adaptive-input model's code (adaptive_lm.py) is in this folder: `trust_remote_code=True` "
+                      "runs it; its logits are log-probabilities over the whole vocabulary.")
+        return {"pipeline_tag": "text-generation", "pipeline_kwargs": {"trust_remote_code": True} if self.adaptive
+                else {}, "inputs": {"kind": "text"}, "data": f"{source}, {self.meta['vocab_size']:,}-symbol "
+                f"{self.meta['tokenizer']} vocabulary", "usage": usage}
+
+
+def word_tokenizer(vocab: "WordVocab"):
+    """The word vocabulary as a ``tokenizers.Tokenizer``: a WordLevel model over the dictionary (unknown words ->
+    <unk>) after a whitespace split, as fairseq's tokenize_line; a line break in the text becomes </s>, fairseq's
+    end-of-line symbol, so encoding a whole file gives the engine's token stream."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    tok = Tokenizer(models.WordLevel(vocab=dict(vocab.index), unk_token=SPECIALS[UNK]))
+    tok.normalizer = normalizers.Replace(Regex(r"\r\n|\r|\n"), f" {SPECIALS[EOS]} ")
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()     # no decoder: decoding joins the words with spaces
+    return tok
 
 
 def load_exported(model_dir: str):
