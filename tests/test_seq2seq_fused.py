@@ -12,9 +12,7 @@ checkpointing with R-Drop:
 """
 from __future__ import annotations
 
-import gc
 import json
-import os
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from engine.trainer import enable_activation_checkpointing
 from models import bart, transformer_mt as mt
 from tasks import summarization as sm
 from tasks import translation as tr
-from tests.helpers import DATA, free_port
+from tests.helpers import DATA, train_in_process, world  # noqa: F401 (world: a fixture)
 
 MULTI30K, SAMSUM = DATA / "multi30k", DATA / "samsum"
 V = 97                 # any vocabulary works fused; the forced flag is what these tests use
@@ -196,36 +194,6 @@ def test_activation_checkpointing_flag_refuses_a_model_without_support():
 
 
 # -- short engine runs, in process -------------------------------------------------------------------------
-def _forget_deepspeed_groups():
-    """DeepSpeed caches process groups (deepspeed.utils.groups); a world destroyed through torch.distributed (as
-    other in-process tests and engine.distributed.shutdown do) leaves them pointing at a dead group."""
-    from deepspeed.utils import groups
-    release = getattr(groups, "_release_process_group_references", None)
-    if release is not None:
-        release()
-
-
-@pytest.fixture(scope="module")
-def world():
-    from engine import distributed as du
-    _forget_deepspeed_groups()
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                                            "DS_ACCELERATOR")}
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(k, None)
-    w = du.init()
-    yield w
-    gc.collect()
-    du.shutdown(w)
-    _forget_deepspeed_groups()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """The first rows of Multi30k and SAMSum (train 400 / 200, validation 48): the runs' data, read fast."""
@@ -262,9 +230,6 @@ RUNS = {
 
 
 def _engine_run(world, data, tmp, task, fused, ckpt=False):
-    from engine.config import parse_args
-    from engine.trainer import Trainer
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
     out = tmp / f"{task}-{fused}-{ckpt}"
     args = [a.format(data=data) for a in RUNS[task]] + [
         "--output_dir", str(out), "--ds_config", "ds_configs/zero3.json", "--task.cache_dir", str(tmp / f"bpe-{task}"),
@@ -273,17 +238,10 @@ def _engine_run(world, data, tmp, task, fused, ckpt=False):
         "--optim.warmup_steps", "2", "--log.every_steps", "1", "--log.progress", "false", "--log.tensorboard", "false",
         "--eval.batch_size", "16", "--checkpoint.save_best", "false",
         "--train.activation_checkpointing", str(ckpt).lower()]
-    t = Trainer(parse_args(args), world)
-    try:
-        t.setup()
+
+    def attached(t):
         assert (fused_loss.find(t.engine) is not None) == (fused == "true")
-        t.fit()
-    finally:
-        t.monitor.close() if getattr(t, "monitor", None) else None
-        t.engine = t.optimizer = t.scheduler = None
-        del t
-        gc.collect()
-        unset_hf_deepspeed_config()
+    train_in_process(world, args, check=attached)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"][-1]
 
