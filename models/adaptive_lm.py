@@ -343,7 +343,7 @@ class AdaptiveLM(PreTrainedModel, GenerationMixin):
                               ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits, hidden_states=(hidden,) if output_hidden_states else None)
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, **_kwargs) -> dict:
+    def prepare_inputs_for_generation(self, input_ids: Tensor, **kwargs) -> dict:
         """No cache: every generation step reads the whole sequence (only the last position is scored)."""
         return {"input_ids": input_ids, "logits_to_keep": 1}
 
