@@ -44,7 +44,9 @@ skipped (fused_loss.attach says how, per model family).  The default ``loss``
 and ``rdrop_terms`` then compute NLL (+ symmetric KL / fd) chunk by chunk from hidden and the projection, never
 holding [tokens, V] logits; they refuse a task that overrides ``loss`` or ``consistency`` (the fused maths would
 silently differ).  Evaluation: ``out.scores()`` gives logits either way (computed from hidden without a graph when
-fused), ``out.head.token_nll(...)`` gives per-token NLL in chunks.
+fused), ``out.head.token_nll(...)`` gives per-token NLL in chunks.  ``head`` may be any object with FusedTokenLoss's
+interface (``head(hidden, target, pad_mask, label_smoothing, consistency, copies) -> (nll_sum, cons_sum | None)``,
+``token_nll``, ``logits``): tasks/language_modeling.py's AdaptiveTokenLoss scores with an adaptive softmax so.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ class TaskOutput:
     target:   [N, ...] class ids (or float targets for regression), same leading shape as logits minus C
     pad_mask: [N, ...] bool, True where a position does not count (padding); None if every position counts
     hidden:   [N, ..., H] final hidden states, given instead of logits for the fused token loss (with head)
-    head:     the model's engine.fused_loss.FusedTokenLoss (output projection + chunked loss), with hidden
+    head:     the model's engine.fused_loss.FusedTokenLoss (output projection + chunked loss), with hidden, or an
+              object with its interface (see the module docstring)
     """
     logits: Tensor | None
     target: Tensor

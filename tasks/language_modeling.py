@@ -1,7 +1,8 @@
 """Language modelling (appendix A.3): GPT-style and adaptive-input transformers on WikiText, with R-Drop.
 
-Data (``--task.FIELD``), read once by ``prepare()`` on rank 0 and cached (vocabulary + encoded token streams as
-.npy) under --task.cache_dir (default OUTPUT_DIR/lm_data) in a folder keyed by the sources and the settings:
+Data (``--task.FIELD``), read once by ``prepare()`` on rank 0 (text files through tasks/_text.py, --task.encoding
+for files that are not UTF-8) and cached (vocabulary + encoded token streams as .npy) under --task.cache_dir
+(default OUTPUT_DIR/lm_data) in a folder keyed by the sources and the settings:
   data_dir        a folder with WikiText's wiki.{train,valid,test}.tokens (../shared/data/wikitext-2) or
                   {train,valid,test}.txt, or pass train_file / valid_file / test_file (any plain-text files)
   dataset         without files: a hub dataset with a ``text`` column, one line per row (``wikitext`` with
@@ -10,21 +11,27 @@ Data (``--task.FIELD``), read once by ``prepare()`` on rank 0 and cached (vocabu
                   </s>, a dictionary of the training split in fairseq's order (<s> <pad> </s> <unk>, then count
                   descending, ties alphabetical, padded to a multiple of 8 with madeupwordNNNN; WikiText's literal
                   <unk> is the <unk> entry), 267,744 symbols on WikiText-103 | bpe: a byte-level BPE of
-                  --task.vocab_size trained on the training split with `tokenizers` | an HF tokenizer name or path
+                  --task.vocab_size trained on the training split (_text.train_bpe) | an HF tokenizer name or path
                   (``gpt2``; the default with --task.pretrained): each line encoded, then its end-of-line symbol
 Training blocks: the whole split is one token stream cut into blocks of --task.tokens_per_sample tokens
 (fairseq's --sample-break-mode none); block i predicts tokens [i*B, (i+1)*B) from the stream shifted by one (the
-very first input is </s>), the last block may be shorter; the engine's seeded sampler shuffles the blocks.
+very first input is </s>), the last block may be shorter.  Batches: --train.max_tokens N (fairseq's --max-tokens;
+the recipes' default) packs whole blocks, N // tokens_per_sample of them per micro-batch (``example_sizes`` gives
+the block lengths to engine/data.py), or --train.micro_batch_size blocks; the engine's seeded sampler shuffles them.
 
 Loss (the engine's one reduction, units = scored target tokens of one copy): NLL summed over tokens (label
-smoothing --task.label_smoothing, default 0) and the R-Drop hook's per-token symmetric KL.  GPT models give full
-logits, so the engine's default loss applies.  The adaptive softmax overrides loss / consistency / rdrop_terms:
-NLL with fairseq's adaptive loss, and the KL over the FULL output distribution (the authors' reg_adaptive_loss
+smoothing --task.label_smoothing, default 0) and the R-Drop hook's per-token symmetric KL, always the engine's
+default loss / rdrop_terms.  GPT models: with --task.fused_loss auto (fused from fused_loss.FUSED_MIN_VOCAB
+symbols, e.g. WikiText-2's 33,280) or true, the forward returns GPT-2's final hidden states (through the model's own
+forward, its tied lm_head asked for no position) and the engine's fused, chunked loss projects them chunk by chunk
+(engine/fused_loss.py: no [2 x tokens, V] logits in forward or backward; evaluation NLL in chunks too); false gives
+full logits.  The adaptive softmax is its own head (AdaptiveTokenLoss, the same interface): NLL with fairseq's
+adaptive loss, and the KL over the FULL output distribution (the authors' reg_adaptive_loss
 compares head and tail distributions separately): a [tokens, V] log-probability tensor per copy would take
 tokens x V x 4 bytes (6,144 R-Drop tokens x 267,744 words = 6.6 GB each, a few of them live with autograd), so
 the full distribution is produced in chunks of positions whose size keeps one chunk's pair of [c, V] tensors
 under --task.softmax_chunk_mb (256 MB: c = 125 tokens on WikiText-103), reduced at once and recomputed in backward
-(models/transformer_lm.py, AdaptiveSoftmax).  Peak memory is then a few chunks' worth whatever the batch: measured
+(models/adaptive_lm.py, AdaptiveSoftmax).  Peak memory is then a few chunks' worth whatever the batch: measured
 on CPU for 256 positions x 2 copies over 267,744 words, +3.4 GB unchunked (about 6.5 times one [2, n, V] tensor)
 against +0.49 GB in chunks of 16 positions.
 
@@ -35,8 +42,15 @@ the test split at the final one (test_loss, test_ppl); the best checkpoint is pi
 first C being the preceding tokens as context; every token is scored exactly once.  For sub-word tokenizers
 ``word_ppl`` normalises the same total NLL by words (+ one end-of-line per line) instead of tokens.
 
-Recipes: wikitext103_transformer_lm_gpt, wikitext103_adaptive (appendix A.3 with the authors' released settings)
-and wikitext2_small (a small GPT on WikiText-2 for a CPU machine).
+Recipes: wikitext103_transformer_lm_gpt, wikitext103_adaptive (appendix A.3 with fairseq's / the authors' settings:
+tokens per batch x update frequency, NAG for the adaptive model) and wikitext2_small (a small GPT on WikiText-2
+for a CPU machine; results/lm_wikitext2).
+
+Export (DIR/hf_model, DIR/best_model): a complete HF folder -- weights and config (the adaptive model with its code,
+adaptive_lm.py, and ``auto_map`` for ``trust_remote_code=True``), the tokenizer (the word vocabulary as a WordLevel
+PreTrainedTokenizerFast with a whitespace split, <unk>, </s> as eos and line break; the BPE; or the pretrained
+tokenizer), generation_config.json (greedy, stops at </s>), and a card whose usage code (the text-generation
+pipeline, and the perplexity with the run's windows through AutoModelForCausalLM) reproduces the engine's numbers.
 """
 from __future__ import annotations
 
@@ -943,22 +957,6 @@ def word_tokenizer(vocab: "WordVocab"):
     tok.normalizer = normalizers.Replace(Regex(r"\r\n|\r|\n"), f" {SPECIALS[EOS]} ")
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()     # no decoder: decoding joins the words with spaces
     return tok
-
-
-def load_exported(model_dir: str):
-    """(model, vocabulary, info) from an export directory (DIR/hf_model): AdaptiveLM or GPT2LMHeadModel."""
-    with open(os.path.join(model_dir, "language_model.json")) as f:
-        info = json.load(f)
-    cls = lm.AdaptiveLM if info["adaptive"] else lm.GPT2LMHeadModel
-    model = cls.from_pretrained(model_dir)
-    if info["tokenizer"] == "word":
-        vocab = WordVocab.load(os.path.join(model_dir, "dict.txt"))
-    elif info["tokenizer"] == "bpe":
-        from tokenizers import Tokenizer
-        vocab = bpe_vocab(Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")))
-    else:
-        vocab = hf_vocab(info["tokenizer"])
-    return model, vocab, info
 
 
 TASK = LanguageModeling
