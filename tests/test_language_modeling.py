@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import types
 from collections import Counter
 from pathlib import Path
@@ -15,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import data, losses
+from engine import data, fused_loss, losses, rdrop
+from engine import ds_config as dsc
 from engine.config import ConfigError, parse_args
+from engine.task import TaskOutput
 from models import transformer_lm as lm
 from tasks import language_modeling as L
-from tests.helpers import DATA, load_weights, metrics, run
+from tests.helpers import DATA, metrics, run, train_in_process, world  # noqa: F401 (world: a fixture)
 
 WIKI2 = DATA / "wikitext-2"
 
@@ -271,14 +275,19 @@ def test_adaptive_input_and_softmax_are_fairseqs():
 
 
 def _adaptive_task(tmp_path, *flags):
-    task = make_task(tmp_path, "--task.model", "adaptive_tiny", "--task.adaptive_cutoffs", "2,5", *flags,
+    task = make_task(tmp_path, "--task.model", "adaptive_tiny", "--task.adaptive_cutoffs", "2,5",
+                     "--task.tokens_per_sample", "4", *flags,
                      files={"train": TEXT, "valid": TEXT})
     task.prepare()
     return task
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_chunked_full_distribution_rdrop_terms_equal_the_direct_computation(tmp_path, label_smoothing):
+@pytest.mark.parametrize("label_smoothing,mode", [(0.0, "rdrop"), (0.1, "rdrop"), (0.0, "duplicate"),
+                                                  (0.1, "duplicate"), (0.0, "none"), (0.1, "none")])
+def test_adaptive_head_equals_the_direct_computation(tmp_path, label_smoothing, mode):
+    """The adaptive softmax as the engine's fused-loss head (AdaptiveTokenLoss): the default loss / rdrop_terms,
+    chunked over the full distribution (or fairseq's target-only loss), equal NLL (+ KL) of the full [N, T, V]
+    log-probabilities computed at once, values and gradients, padding ignored."""
     task = _adaptive_task(tmp_path, "--task.label_smoothing", str(label_smoothing))
     task.meta["vocab_size"] = WIKI103_VOCAB
     assert task.chunk_tokens(2) == 125                         # 256 MB of fp32 [2, c, V] on WikiText-103
@@ -287,28 +296,43 @@ def test_chunked_full_distribution_rdrop_terms_equal_the_direct_computation(tmp_
     model = task.build_model({}).eval()                        # no dropout: both ways see the same distributions
     ds = task.build_dataset("train")
     batch = task.collate([ds[i] for i in range(len(ds))])
-    doubled = {k: torch.cat([v, v]) for k, v in batch.items()}
+    assert batch["labels"].eq(L.IGNORE).any()                  # a short last block: padded
+    b = batch if mode == "none" else rdrop.double_batch(batch)
 
-    def direct():
-        out = task.forward(model, doubled)
-        lp = out.softmax(out.hidden)                           # full [N, T, V] at once
+    def engine_terms(out):
+        if mode == "none":
+            return task.loss(out), None
+        return task.rdrop_terms(out, rdrop.CONSISTENCY[mode])
+
+    def direct(out):
+        lp = model.adaptive_softmax(out.hidden)                 # full [N, T, V] at once
+        if mode == "none":
+            return losses.nll_loss(lp, out.target, out.pad_mask, label_smoothing), None
         n = lp.shape[0] // 2
         t, pad = out.target[:n], out.pad_mask[:n]
         nll = sum(losses.nll_loss(x, t, pad, label_smoothing) for x in (lp[:n], lp[n:]))
-        return nll, losses.symmetric_kl(lp[:n], lp[n:], pad)
+        return nll, (losses.symmetric_kl(lp[:n], lp[n:], pad) if mode == "rdrop" else None)
 
-    model.zero_grad()
-    out = task.forward(model, doubled)
-    nll, kl = task.rdrop_terms(out)
-    (nll + kl).backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    ref_nll, ref_kl = direct()
-    (ref_nll + ref_kl).backward()
-    assert nll.item() == pytest.approx(ref_nll.item(), rel=1e-5)
-    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-4, abs=1e-7)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    results = []
+    for fn in (engine_terms, direct):
+        model.zero_grad()
+        out = task.forward(model, b)
+        assert out.fused and isinstance(out.head, L.AdaptiveTokenLoss)
+        nll, kl = fn(out)
+        (nll + (kl if kl is not None else 0.0)).backward()
+        results.append((nll.item(), None if kl is None else kl.item(),
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (nll, kl, got), (ref_nll, ref_kl, want) = results
+    assert nll == pytest.approx(ref_nll, rel=1e-5)
+    assert (kl is None) == (ref_kl is None) == (mode != "rdrop")
+    if kl is not None:
+        assert kl == pytest.approx(ref_kl, rel=1e-4, abs=1e-7)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    nll_rows = out.head.token_nll(out.hidden, out.target, out.pad_mask)      # evaluation: per position
+    lp = model.adaptive_softmax(out.hidden)
+    by_hand = -lp.gather(-1, out.target.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(out.pad_mask, 0.0)
+    torch.testing.assert_close(nll_rows, by_hand.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_checkpointed_chunks_replay_their_dropout_masks():
@@ -360,7 +384,7 @@ def test_bad_data_gives_one_line_errors(tmp_path):
     cases = [
         ({"train": b"", "valid": b"a\n"}, "is empty"),
         ({"train": b" \n\n", "valid": b"a\n"}, "is empty"),
-        ({"train": "café au lait\n".encode("latin-1"), "valid": b"a\n"}, r"is not utf-8 text \(byte 0xe9"),
+        ({"train": "café au lait\n".encode("latin-1"), "valid": b"a\n"}, r"is not valid UTF-8 \(line 1"),
         ({"train": b"a b\n"}, "no valid split"),
     ]
     for i, (files, match) in enumerate(cases):
@@ -392,98 +416,344 @@ def test_bad_data_gives_one_line_errors(tmp_path):
         other.build_model({})
     with pytest.raises(ConfigError, match="fd needs pre-softmax logits"):
         make_task(tmp_path / "fd", "--task.model", "adaptive_tiny", "--rdrop.mode", "fd", files={"train": TEXT})
+    with pytest.raises(ConfigError, match="fused_loss true is for GPT models"):
+        make_task(tmp_path / "fused", "--task.model", "adaptive_tiny", "--task.fused_loss", "true",
+                  files={"train": TEXT})
+    with pytest.raises(ConfigError, match="fused_loss must be auto, true or false"):
+        make_task(tmp_path / "fused", "--task.fused_loss", "maybe", files={"train": TEXT})
+
+
+# ------------------------------------------------------------------------------------------------ fused loss (GPT)
+
+GPT_TEXT = TEXT * 3 + "e f g h i j k l m n o\n"       # 54 tokens: blocks of 5, the last one 4
+
+
+def _gpt(tmp_path, fused="true", **flags):
+    args = ["--task.model", "tiny", "--task.tokens_per_sample", "5", "--task.fused_loss", fused,
+            "--task.dropout", "0.2"]
+    for k, v in flags.items():
+        args += [f"--task.{k}", str(v)]
+    task = make_task(tmp_path, *args, files={"train": GPT_TEXT, "valid": TEXT})
+    torch.manual_seed(0)
+    return task, task.build_model({})
+
+
+@pytest.mark.parametrize("mode", ["rdrop", "fd", "duplicate", "none"])
+def test_fused_gpt_equals_unfused_through_the_task_forward(tmp_path, mode):
+    """--task.fused_loss true: the task's forward gives GPT-2's final hidden states through the model's own forward
+    (logits_to_keep = []) and the tied lm_head's FusedTokenLoss; loss, consistency and every gradient equal the
+    unfused loss on the same model's logits with the same dropout masks, label smoothing 0.1, padded rows."""
+    task, model = _gpt(tmp_path, label_smoothing=0.1)
+    head = fused_loss.find(model)
+    assert head is not None and head.weight is model.transformer.wte.weight        # the tied embedding
+    head.chunk_size = 4                                                             # several chunks
+    assert "fused_token_loss" not in "".join(model.state_dict())
+    ds = task.build_dataset("train")
+    batch = task.collate([ds[len(ds) - 1], ds[0], ds[1]])
+    assert batch["labels"].eq(L.IGNORE).any()
+    model.train()
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(7)
+        b = batch if mode == "none" else rdrop.double_batch(batch)
+        if fused:
+            out = task.forward(model, b)
+        else:
+            out = TaskOutput(model(input_ids=b["input_ids"]).logits, b["labels"], b["labels"].eq(L.IGNORE))
+        assert out.fused == fused
+        nll, cons = (task.loss(out), None) if mode == "none" else task.rdrop_terms(out, rdrop.CONSISTENCY[mode])
+        model.zero_grad()
+        (nll + (5.0 * cons if cons is not None else 0.0)).backward()
+        results.append((nll.detach(), None if cons is None else cons.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (fn, fc, fg), (un, uc, ug) = results
+    torch.testing.assert_close(fn, un, rtol=1e-5, atol=1e-5)
+    if mode in ("rdrop", "fd"):
+        assert uc > 0
+        torch.testing.assert_close(fc, uc, rtol=1e-4, atol=1e-6)
+    assert fg.keys() == ug.keys() and len(fg) > 10
+    scale = max(g.abs().max().item() for g in ug.values())
+    for name in ug:
+        torch.testing.assert_close(fg[name], ug[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_fused_gpt_evaluation_and_flag(tmp_path):
+    """The evaluation's per-token NLL in chunks equals the unfused one; auto turns the fused loss on from
+    fused_loss.FUSED_MIN_VOCAB symbols, true / false force it."""
+    task, model = _gpt(tmp_path / "a")
+    plain = make_task(tmp_path / "b", "--task.model", "tiny", "--task.tokens_per_sample", "5", "--task.fused_loss",
+                      "false", files={"train": GPT_TEXT, "valid": TEXT})
+    assert fused_loss.find(plain.build_model({})) is None
+    got = task.evaluate(FakeEval(task, model.eval()), "valid")
+    fused_loss.find(model).chunk_size = 2                              # several chunks per batch
+    again = task.evaluate(FakeEval(task, model), "valid")
+    del model._modules[fused_loss.ATTR]                                # the same weights, unfused
+    want = plain.evaluate(FakeEval(plain, model), "valid")
+    assert got["tokens"] == want["tokens"] == 14
+    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-6) and again["ppl"] == pytest.approx(want["ppl"], rel=1e-6)
+    big = fused_loss.FUSED_MIN_VOCAB
+    assert [fused_loss.want_fused(v, n) for v, n in [("auto", big), ("auto", big - 1), ("false", big),
+                                                     ("true", 8)]] == [True, False, False, True]
+    auto = make_task(tmp_path / "c", "--task.model", "tiny", files={"train": TEXT, "valid": TEXT})
+    assert auto.cfg.fused_loss == "auto" and fused_loss.find(auto.build_model({})) is None    # 8 symbols
+
+
+# ------------------------------------------------------------------------------------------------ batching, optimizer
+
+def test_recipes_batch_by_tokens_and_the_adaptive_one_uses_nag(tmp_path):
+    base = ["--task", "language_modeling", "--output_dir", str(tmp_path), "--ds_config", "ds_configs/zero2.json",
+            "--task.data_dir", str(tmp_path)]
+    want = {"wikitext103_transformer_lm_gpt": (2048, 16, 512), "wikitext103_adaptive": (3072, 3, 3072),
+            "wikitext2_small": (256, 1, 128)}
+    for name, (tokens, accum, block) in want.items():
+        cfg = parse_args(base + ["--recipe", name])
+        assert (cfg.train.max_tokens, cfg.train.grad_accum, cfg.task_cfg.tokens_per_sample) == (tokens, accum, block)
+        assert cfg.optim.nesterov == (name == "wikitext103_adaptive")
+    cfg = parse_args(base + ["--recipe", "wikitext103_adaptive"])
+    ds = dsc.resolve(dsc.load("ds_configs/zero2.json"), cfg, 8, "zero2", on_cpu=True)
+    assert ds["optimizer"] == {"type": "SGD", "params": {"lr": 1.0, "momentum": 0.99, "weight_decay": 0.0,
+                                                         "nesterov": True}}
+    assert parse_args(base + ["--train.micro_batch_size", "3"]).train.max_tokens == 0     # examples instead
+    # blocks of 8 tokens (56 in all) packed by --train.max_tokens 16: two blocks a batch, every block once
+    task = make_task(tmp_path / "t", "--task.tokens_per_sample", "8", files={"train": TEXT * 4, "valid": TEXT})
+    blocks = task.build_dataset("train")
+    assert blocks.sizes.tolist() == [8] * 7
+    batches = data.TrainBatches(task, blocks, 1, 1, 1, 0, 1, max_tokens=16)
+    assert sorted(i for b in batches.tokens.batches for i in b) == list(range(len(blocks)))
+    assert max(len(b) for b in batches.tokens.batches) == 2
+
+
+def test_nesterov_sgd_flag(world):
+    """--optim.nesterov true: DeepSpeed's SGD block passes it to torch.optim.SGD, whose step is Nesterov's."""
+    base = ["--task", "language_modeling", "--output_dir", "x", "--ds_config", "x", "--task.train_file", __file__,
+            "--log.tensorboard", "false"]
+    with pytest.raises(ConfigError, match="nesterov true needs --optim.name sgd"):
+        parse_args(base + ["--optim.nesterov", "true"])
+    with pytest.raises(ConfigError, match="momentum > 0"):
+        parse_args(base + ["--optim.name", "sgd", "--optim.momentum", "0", "--optim.nesterov", "true"])
+    cfg = parse_args(base + ["--optim.name", "sgd", "--optim.nesterov", "true", "--optim.lr", "0.1", "--optim.weight_decay", "0",
+                             "--optim.momentum", "0.9", "--train.micro_batch_size", "1"])
+    ds = dsc.resolve(dsc.load("ds_configs/zero0.json"), cfg, 1, "zero0", on_cpu=True)
+    assert ds["optimizer"]["params"]["nesterov"] is True
+    import deepspeed
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1, bias=False)
+    w0 = lin.weight.detach().clone()
+    engine, opt, _, _ = deepspeed.initialize(model=lin, model_parameters=lin.parameters(), config=ds)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"] is True
+    x, buf, w = torch.ones(1, 3), None, w0.clone()
+    for _ in range(2):
+        engine.backward(engine(x).sum())
+        engine.step()
+        g = x[0]                                                   # d/dw of w . x
+        buf = g if buf is None else 0.9 * buf + g
+        w = w - 0.1 * (g + 0.9 * buf)                              # Nesterov: g + momentum * buf
+    torch.testing.assert_close(lin.weight.detach()[0], w[0])
+    engine.destroy()
+
+
+# ------------------------------------------------------------------------------------------------ export pieces
+
+def test_word_level_tokenizer_gives_the_engines_stream(tmp_path):
+    """The exported word vocabulary (WordLevel over fairseq's dictionary, whitespace split, a line break -> </s>)
+    encodes a file exactly as the engine did, unknown words to <unk>, and loads with AutoTokenizer."""
+    from transformers import AutoTokenizer
+    from engine.export import save_fast_tokenizer
+    task = make_task(tmp_path, files={"train": TEXT, "valid": "a  zz b\r\n\n c\n"})
+    task.prepare()
+    save_fast_tokenizer(L.word_tokenizer(task.vocab), str(tmp_path / "tok"), task.special_tokens())
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for split in ("train", "valid"):
+        text = (tmp_path / f"{split}.txt").read_bytes().decode()
+        assert tok(text)["input_ids"] == task.stream(split).tolist(), split
+    assert tok("a zz")["input_ids"] == [4, L.UNK] and tok.eos_token_id == L.EOS and tok.pad_token_id == L.PAD
+    assert tok.decode([5, 4, 6]) == "b a c"
 
 
 # ------------------------------------------------------------------------------------------------ real runs
 
-STEPS = 6
+AUTO_CHECK = r"""
+import contextlib, io, json, math, os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+out = {}
+for path, data_dir, remote in json.loads(sys.argv[1]):
+    kw = {"trust_remote_code": True} if remote else {}
+    usage = json.load(open(os.path.join(path, "export.json")))["usage"].replace("{path}", path)
+    blocks = [b.split("```", 1)[0] for b in usage.split("```python")[1:]]
+    os.chdir(data_dir)                              # the card's snippet reads wiki.test.tokens
+    ns, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for code in blocks:                         # the card's code as written: pipeline, then perplexity
+            exec(code, ns)
+    tok, model = ns["tok"], ns["model"]
+    prompt = " ".join(open("wiki.test.tokens", encoding="utf-8").read().split()[:6])
+    ids = tok(prompt, return_tensors="pt").input_ids
+    piped = ns["generate"](prompt, max_new_tokens=6, return_tensors=True)[0]["generated_token_ids"]
+    out[path] = {"ppl": math.exp(ns["nll"] / len(ns["stream"])), "tokens": len(ns["stream"]),
+                 "printed": printed.getvalue(), "class": type(model).__name__,
+                 "pipeline_ids": piped, "generate_ids": model.generate(ids, max_new_tokens=6)[0].tolist(),
+                 "whole_text": tok(open("wiki.test.tokens", encoding="utf-8").read())["input_ids"] == ns["stream"]}
+print(json.dumps(out))
+"""
 
 
-def _args(out, init, cache, ds="zero3", *extra):
-    return ["--task", "language_modeling", "--output_dir", str(out), "--ds_config", f"ds_configs/{ds}.json",
-            "--task.data_dir", str(WIKI2), "--task.cache_dir", str(cache), "--task.pretrained", str(init),
-            "--task.tokenizer", "word",                  # = the init's dict.txt; reuses the fixture's cache
-            "--task.tokens_per_sample", "32", "--task.context_window", "8", "--task.eval_tokens_per_sample", "24",
-            "--task.max_eval_tokens", "600", "--task.softmax_chunk_mb", "1", "--train.micro_batch_size", "2",
-            "--train.max_steps", str(STEPS), "--optim.impl", "torch", "--optim.lr", "3e-3",
-            "--optim.warmup_steps", "2", "--eval.every_steps", "3", "--eval.batch_size", "8",
-            "--checkpoint.every_steps", "3", "--log.every_steps", "1", "--log.progress", "false",
-            "--rdrop.alpha", "1.0", *extra]
+def auto_class_check(tmp_path, exports):
+    """Run the exports' own card code (pipeline + perplexity) in a fresh Python OUTSIDE this repository
+    (another working directory, no PYTHONPATH): [(export dir, data dir, trust_remote_code)] -> results."""
+    import subprocess
+    script = tmp_path / "auto_check.py"
+    script.write_text(AUTO_CHECK)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(script), json.dumps([[str(p), str(d), r] for p, d, r in exports])],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A saved adaptive_tiny initialisation (WikiText-2 vocabulary), then 2-rank R-Drop runs from it: ZeRO-3
-    straight through, ZeRO-3 stopped at step 3 and resumed, ZeRO-2 straight through."""
+def wiki_slice(tmp_path_factory):
+    """The first lines of WikiText-2's splits (train 600 lines, valid / test 40): real text, read in a second."""
     if not (WIKI2 / "wiki.train.tokens").is_file():
         pytest.skip("../shared/data/wikitext-2 missing")
-    root = tmp_path_factory.mktemp("lm")
-    cache = root / "cache"
-    task = make_task(root, "--task.data_dir", str(WIKI2), "--task.cache_dir", str(cache), "--task.model",
-                     "adaptive_tiny", "--task.tokens_per_sample", "32")
+    root = tmp_path_factory.mktemp("wiki")
+    for split, n in (("train", 600), ("valid", 40), ("test", 40)):
+        with open(WIKI2 / f"wiki.{split}.tokens", encoding="utf-8") as f:
+            (root / f"wiki.{split}.tokens").write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
+    return root
+
+
+STEPS = 4
+
+
+def _run_args(out, data_dir, cache, *extra):
+    return ["--task", "language_modeling", "--output_dir", str(out), "--task.data_dir", str(data_dir),
+            "--task.cache_dir", str(cache), "--task.tokens_per_sample", "32", "--task.context_window", "8",
+            "--task.eval_tokens_per_sample", "24", "--train.max_tokens", "64", "--train.max_steps", str(STEPS),
+            "--optim.impl", "torch", "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--eval.every_steps", "2",
+            "--eval.batch_size", "16", "--checkpoint.every_steps", "2", "--log.every_steps", "1",
+            "--log.progress", "false", "--log.tensorboard", "false", "--rdrop.alpha", "1.0", *extra]
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(world, wiki_slice, tmp_path_factory):
+    """In-process GPT (tiny) R-Drop runs on the slice from one saved initialisation (ZeRO-3 builds its weights
+    partitioned), gradient accumulation 2: ZeRO-2 unfused, ZeRO-2 fused (exported), ZeRO-3 fused straight
+    through, and ZeRO-3 fused stopped at step 2 then resumed."""
+    root = tmp_path_factory.mktemp("gpt")
+    task = make_task(root, "--task.data_dir", str(wiki_slice), "--task.cache_dir", str(root / "cache"),
+                     "--task.model", "tiny", "--task.tokens_per_sample", "32")
     torch.manual_seed(0)
     model = task.build_model({})
-    init = root / "init"
-    task.export(model, model.state_dict(), str(init))
-    out = {"init": init, "cache": cache, "task": task}
-    out["z3"] = run(_args(root / "z3", init, cache), nproc=2, launcher="deepspeed")
-    first = run(_args(root / "part", init, cache, "zero3", "--train.stop_at_step", "3"), nproc=2,
-                launcher="deepspeed")
-    out["resumed"] = (first, run(_args(root / "part", init, cache, "zero3", "--resume", "auto"), nproc=2,
-                                 launcher="deepspeed"))
-    out["z2"] = run(_args(root / "z2", init, cache, "zero2"), nproc=2, launcher="deepspeed")
-    out["dirs"] = {k: root / k for k in ("z3", "part", "z2")}
-    return out
+    task.export(model, model.state_dict(), str(root / "init"))
+    common = ["--task.pretrained", str(root / "init"), "--task.tokenizer", "word", "--train.grad_accum", "2",
+              "--task.label_smoothing", "0.1"]
+    runs = {"z2_unfused": ("zero2", "false", []), "z2_fused": ("zero2", "true", []),
+            "z3": ("zero3", "true", []), "z3_part": ("zero3", "true", ["--train.stop_at_step", "2"])}
+    for name, (ds, fused, extra) in runs.items():
+        train_in_process(world, _run_args(root / name, wiki_slice, root / "cache", "--ds_config",
+                                          f"ds_configs/{ds}.json", "--task.fused_loss", fused, *common, *extra),
+                         export=name == "z2_fused")
+    train_in_process(world, _run_args(root / "z3_part", wiki_slice, root / "cache", "--ds_config",
+                                      "ds_configs/zero3.json", "--task.fused_loss", "true", *common,
+                                      "--resume", "auto"))
+    return root
 
 
-def test_two_rank_zero3_rdrop_run(runs):
-    out = runs["dirs"]["z3"]
-    log = runs["z3"].stdout
-    assert "rank 1/2" in log and "model " in log and "93,456 parameters (fairseq's count" in log
+def test_gpt_engine_run_fused_on_off_equal(gpt_runs):
+    a, b = metrics(gpt_runs / "z2_fused"), metrics(gpt_runs / "z2_unfused")
+    assert [r["step"] for r in a] == list(range(1, STEPS + 1)) and all(r["consistency"] > 0 for r in a)
+    for ra, rb in zip(a, b):
+        for key in ("loss", "nll", "consistency", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=2e-4, abs=1e-6), (key, ra, rb)
+    ea, eb = metrics(gpt_runs / "z2_fused", "eval")[-1], metrics(gpt_runs / "z2_unfused", "eval")[-1]
+    for key in ("ppl", "test_ppl"):
+        assert ea[key] == pytest.approx(eb[key], rel=1e-4)
+
+
+def test_gpt_zero3_resume_equals_the_uninterrupted_run_and_zero2(gpt_runs):
+    a, b = metrics(gpt_runs / "z3"), metrics(gpt_runs / "z3_part")
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["consistency"] == rb["consistency"], (ra, rb)
+    assert metrics(gpt_runs / "z3", "eval")[-1]["test_ppl"] == metrics(gpt_runs / "z3_part", "eval")[-1]["test_ppl"]
+    for ra, rb in zip(a, metrics(gpt_runs / "z2_fused")):        # ZeRO-3 takes ZeRO-2's steps
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(wiki_slice, tmp_path_factory):
+    """The one launched run: 2 ranks under the `deepspeed` launcher, adaptive-input model, ZeRO-3, R-Drop."""
+    root = tmp_path_factory.mktemp("adaptive")
+    proc = run(_run_args(root / "z3", wiki_slice, root / "cache", "--ds_config", "ds_configs/zero3.json",
+                         "--task.model", "adaptive_tiny", "--task.softmax_chunk_mb", "1"),
+               nproc=2, launcher="deepspeed")
+    return root / "z3", proc
+
+
+def test_two_rank_zero3_adaptive_rdrop_run(adaptive_run):
+    out, proc = adaptive_run
+    log = proc.stdout
+    vocab = json.loads((out / "hf_model" / "language_model.json").read_text())["vocab_size"]
+    n = lm.fairseq_num_params_adaptive(lm.adaptive_config("adaptive_tiny", vocab, 32))
+    assert "rank 1/2" in log and f"{n:,} parameters (fairseq's count" in log
     train, ev = metrics(out), metrics(out, "eval")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert all(math.isfinite(r["loss"]) and r["consistency"] > 0 and r["loss"] > r["nll"] for r in train)
-    assert [r["step"] for r in ev] == [3, 6] and all(r["tokens"] == 600 for r in ev)
-    assert ev[-1]["ppl"] == pytest.approx(math.exp(ev[-1]["loss"]))
-    assert ev[-1]["ppl"] < ev[0]["ppl"]                                 # it learns
-    assert "test_ppl" in ev[-1] and "test_ppl" not in ev[0]
+    assert [r["step"] for r in ev] == [2, 4] and ev[-1]["ppl"] < ev[0]["ppl"]          # it learns
+    assert ev[-1]["ppl"] == pytest.approx(math.exp(ev[-1]["loss"])) and "test_ppl" in ev[-1]
     state = torch.load(next((out / "checkpoints" / "best").glob("*model_states.pt")), weights_only=False)
     assert state["best"] == pytest.approx(min(r["ppl"] for r in ev))
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["ds_config_resolved"]["zero_optimization"]["stage"] == 3 and cfg["world_size"] == 2
 
 
-def test_resume_equals_the_uninterrupted_run(runs):
-    first, second = runs["resumed"]
-    assert "stopped at step 3" in first.stdout and "resumed from" in second.stdout
-    a, b = metrics(runs["dirs"]["z3"]), metrics(runs["dirs"]["part"])
-    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
-    for ra, rb in zip(a, b):
-        assert ra["loss"] == rb["loss"] and ra["consistency"] == rb["consistency"], (ra, rb)
-    assert metrics(runs["dirs"]["z3"], "eval")[-1]["ppl"] == metrics(runs["dirs"]["part"], "eval")[-1]["ppl"]
-    wa, wb = load_weights(runs["dirs"]["z3"]), load_weights(runs["dirs"]["part"])
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+def test_exports_load_with_auto_classes_and_reproduce_the_test_perplexity(gpt_runs, adaptive_run, wiki_slice,
+                                                                           tmp_path):
+    """Both exports are complete HF folders: in a fresh Python outside this repository the card's own code --
+    transformers.pipeline("text-generation") and the perplexity over the test split with the run's windows through
+    AutoTokenizer + AutoModelForCausalLM (the adaptive model through trust_remote_code and the adaptive_lm.py saved
+    in the folder) -- reproduces the engine's final test perplexity, and the pipeline's greedy output is
+    model.generate's."""
+    gpt, ada = gpt_runs / "z2_fused" / "hf_model", adaptive_run[0] / "hf_model"
+    for d, files in ((gpt, ()), (ada, ("adaptive_lm.py",))):
+        names = {p.name for p in d.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "generation_config.json", "README.md", "export.json", *files} <= names, names
+        m = json.loads((d / "export.json").read_text())
+        assert m["pipeline_tag"] == "text-generation" and "AutoModelForCausalLM" in m["usage"]
+        assert "pipeline_tag: text-generation" in (d / "README.md").read_text()
+    assert json.loads((ada / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "adaptive_lm.AdaptiveLMConfig", "AutoModelForCausalLM": "adaptive_lm.AdaptiveLM"}
+    got = auto_class_check(tmp_path, [(gpt, wiki_slice, False), (ada, wiki_slice, True)])
+    for d, run_dir, cls in ((gpt, gpt_runs / "z2_fused", "GPT2LMHeadModel"), (ada, adaptive_run[0], "AdaptiveLM")):
+        r, final = got[str(d)], metrics(run_dir, "eval")[-1]
+        assert r["class"] == cls and r["whole_text"]
+        assert r["tokens"] == final["test_tokens"]
+        print(f"{cls}: engine test ppl {final['test_ppl']:.6f}, Auto classes {r['ppl']:.6f} "
+              f"(relative difference {abs(r['ppl'] / final['test_ppl'] - 1):.1e})")
+        assert r["ppl"] == pytest.approx(final["test_ppl"], rel=1e-4), (r["ppl"], final["test_ppl"])
+        assert "perplexity" in r["printed"]
+        assert r["pipeline_ids"] == r["generate_ids"] and len(r["generate_ids"]) > 6
 
 
-def test_zero3_trains_like_zero2(runs):
-    """Same initialisation, data and dropout masks: ZeRO-3 (tied adaptive weights gathered as external
-    parameters of the adaptive softmax, chunks recomputed in backward) and ZeRO-2 take the same steps."""
-    a, b = metrics(runs["dirs"]["z3"]), metrics(runs["dirs"]["z2"])
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
-    assert [r["consistency"] for r in a] == pytest.approx([r["consistency"] for r in b], rel=1e-3)
-    wa, wb = load_weights(runs["dirs"]["z3"]), load_weights(runs["dirs"]["z2"])
-    for k in wa:
-        # the key bias shifts every score of a query equally, so softmax cancels it: its gradient is rounding
-        # noise, which Adam scales up to lr-sized steps that differ between the two reduction orders
-        if not k.endswith("k_proj.bias"):
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def test_export_reloads_and_scores_like_the_run(runs, tmp_path):
-    out = runs["dirs"]["z3"] / "hf_model"
-    model, vocab, info = L.load_exported(str(out))
-    assert isinstance(model, lm.AdaptiveLM) and info["adaptive"] and len(vocab) == runs["task"].meta["vocab_size"]
-    assert (out / "dict.txt").read_text() == (Path(runs["task"].folder) / "dict.txt").read_text()
-    task = make_task(tmp_path, *_args(runs["dirs"]["z3"], out, runs["cache"])[6:])
-    m = task.evaluate(FakeEval(task, model.eval(), batch_size=8), "valid")
-    assert m["ppl"] == pytest.approx(metrics(runs["dirs"]["z3"], "eval")[-1]["ppl"], rel=1e-5)
+def test_adaptive_activation_checkpointing_replays_rdrop_masks():
+    """--train.activation_checkpointing on the adaptive model: its decoder layers recompute in backward with the
+    forward's dropout masks (the two R-Drop copies stay distinct), so loss and gradients are unchanged."""
+    from engine.trainer import enable_activation_checkpointing
+    model = tiny_adaptive().train()
+    ids = torch.randint(4, 300, (2, 9)).repeat(2, 1)
+    results = []
+    for ckpt in (False, True):
+        if ckpt:
+            enable_activation_checkpointing(model)
+        model.zero_grad()
+        torch.manual_seed(5)
+        h = model(input_ids=ids, features_only=True).last_hidden_state
+        h.pow(2).sum().backward()
+        results.append((h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (h0, g0), (h1, g1) = results
+    assert not torch.equal(h0[:2], h0[2:])                          # the copies got different masks
+    torch.testing.assert_close(h0, h1)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], msg=n)
