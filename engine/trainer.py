@@ -97,6 +97,7 @@ class Trainer:
         self._datasets: dict = {}
         self.best = None
         self.start_step = 0
+        self.train_seconds = 0.0      # wall seconds in training steps (no eval, no saving), summed over resumes
         self.final_metrics: dict = {}
         self._stats: dict[str, list[float]] = {}     # Task.batch_stats sums over the current log interval
 
@@ -141,6 +142,7 @@ class Trainer:
             client = checkpoint.load(self.engine, *found, world)
             self.start_step = int(client["step"])
             self.best = client.get("best")
+            self.train_seconds = float(client.get("train_seconds", 0.0))
             if client.get("world_size") != world.world_size:
                 dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
             if world.is_main:
@@ -223,6 +225,7 @@ class Trainer:
         # log-interval sums: loss, nll, consistency (device) | units (one copy), samples (one copy), copies*units
         dev_sums, host_sums = torch.zeros(3, dtype=torch.float64, device=world.device), [0.0] * 3
         t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
+        t_step = t_last
         engine.train()
         for group in self.micro_batches(self.start_step):
             want_norm = self.stage == 0 and log_every and (step + 1) % log_every == 0
@@ -254,6 +257,7 @@ class Trainer:
                                              "--optim.clip_grad (e.g. 1.0)")
                 dev_sums.zero_()
                 host_sums, t_last = [0.0] * 3, time.perf_counter()
+            self.train_seconds += time.perf_counter() - t_step
             is_last = step >= self.total_steps
             stop = step == cfg.train.stop_at_step
             if (eval_every and step % eval_every == 0) or is_last:
@@ -266,6 +270,7 @@ class Trainer:
                           flush=True)
                 self.stopped_early = True
                 break
+            t_step = time.perf_counter()
         if self.start_step >= self.total_steps:        # resumed a finished run: evaluate what is there
             self.evaluate(step)
         return self.final_metrics
@@ -279,7 +284,7 @@ class Trainer:
             metrics = self.task.evaluate(ctx, self.eval_split)
         finally:
             self.engine.train()
-        self.monitor.log("eval", step, metrics)
+        self.monitor.log("eval", step, metrics, extra={"train_s": self.train_seconds})
         self.final_metrics = {"step": step, "split": self.eval_split, **metrics}
         value = metrics.get(self.task.metric)
         if value is not None and self.cfg.checkpoint.save_best:
@@ -291,6 +296,7 @@ class Trainer:
 
     def _client_state(self, step: int) -> dict:
         return {"step": step, "micro_step": step * self.cfg.train.grad_accum, "best": self.best,
+                "train_seconds": self.train_seconds,
                 "world_size": self.world.world_size, "data": {"epoch": step // self.batches.steps_per_epoch,
                                                               "step_in_epoch": step % self.batches.steps_per_epoch},
                 "config": self.resolved}
