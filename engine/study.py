@@ -29,6 +29,10 @@ and ``train.log``; checkpoints are deleted once a run is done unless ``"keep_che
 seeds per arm, the difference to the baseline with a 95% t-interval (paired by seed: the same seed gives the same
 initial weights and data order in every arm), the validation metric against steps and against training time
 (``train_s`` of the eval records) with seed bands, and train vs validation loss per arm.
+
+Spec keys: name, description, task, ds_config, nproc (ranks per run, default 1), flags, groups ({name: flags}),
+arms ({name: flags}), sweep ({"flag", "values", "flags", "seeds", "prefix"}: one arm per value, named
+PREFIX=VALUE, on its own seeds if given), baseline, seeds, metric (default: the task's), keep_checkpoints.
 """
 from __future__ import annotations
 
@@ -116,8 +120,10 @@ def arms_of(spec: dict) -> dict[str, dict]:
     arms = {name: _flags(flags, f"arm {name!r}") for name, flags in (spec.get("arms") or {}).items()}
     sweep = spec.get("sweep")
     if sweep:
-        if not isinstance(sweep, dict) or "flag" not in sweep or not isinstance(sweep.get("values"), list):
-            raise StudyError('"sweep" must be {"flag": "rdrop.alpha", "values": [...], "flags": {...}}')
+        if not isinstance(sweep, dict) or "flag" not in sweep or not isinstance(sweep.get("values"), list) or \
+                set(sweep) - {"flag", "values", "flags", "prefix", "seeds"}:
+            raise StudyError('"sweep" must be {"flag": "rdrop.alpha", "values": [...], "flags": {...}} with optional '
+                             '"seeds" (default: the spec\'s) and "prefix" (default: the flag\'s last part)')
         leaf = sweep.get("prefix") or sweep["flag"].split(".")[-1]
         for v in sweep["values"]:
             name = f"{leaf}={_flag_value(v)}"
@@ -166,6 +172,10 @@ def check_spec(spec: dict) -> None:
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise StudyError(f'"seeds" must be a list of distinct integers, got {seeds!r}')
+    sseeds = (spec.get("sweep") or {}).get("seeds", seeds) if isinstance(spec.get("sweep"), dict) else seeds
+    if not isinstance(sseeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sseeds) \
+            or len(set(sseeds)) != len(sseeds):
+        raise StudyError(f'"sweep.seeds" must be a list of distinct integers, got {sseeds!r}')
     nproc = spec.get("nproc", 1)
     if not isinstance(nproc, int) or nproc < 1:
         raise StudyError(f'"nproc" must be an integer >= 1, got {nproc!r}')
@@ -191,9 +201,13 @@ def build(spec: dict, study_dir: str, validate: bool = True) -> Study:
     study = Study(spec, Path(study_dir).resolve())
     groups = spec.get("groups") or {"": {}}
     arms = arms_of(spec)
-    for seed in spec["seeds"]:
+    swept = {a for a in arms if sweep_value(spec, a) is not None}
+    sweep_seeds = (spec.get("sweep") or {}).get("seeds") or spec["seeds"]
+    for seed in list(dict.fromkeys(spec["seeds"] + sweep_seeds)):
         for g, gflags in groups.items():
             for a, aflags in arms.items():
+                if seed not in (sweep_seeds if a in swept else spec["seeds"]):
+                    continue
                 d = study.dir / "runs" / g / a / f"seed{seed}" if g else study.dir / "runs" / a / f"seed{seed}"
                 merged = {**_flags(spec.get("flags") or {}, '"flags"'), **_flags(gflags, f"group {g!r}"), **aflags}
                 argv = ["--task", spec["task"], "--ds_config", spec["ds_config"]]
@@ -288,6 +302,13 @@ def progress(run_dir: Path) -> tuple[int, int | None]:
     return (records[-1]["step"] if records else 0), total_steps(run_dir)
 
 
+def resume_step(run_dir: Path) -> int:
+    """The step ``--resume auto`` continues from (0: none)."""
+    latest = run_dir / "checkpoints" / "latest"
+    m = re.match(r"global_step(\d+)$", latest.read_text().strip()) if latest.is_file() else None
+    return int(m.group(1)) if m else 0
+
+
 def is_complete(run_dir: Path) -> bool:
     """The run evaluated at its last step (what the trainer does when it reaches max_steps)."""
     total = total_steps(run_dir)
@@ -355,6 +376,7 @@ class Runner:
         self.threads = max(1, cores // (parallel * self.nproc))
         self.cores = cores
         self.running: dict = {}        # key -> (run, Popen, port, start time, log file)
+        self.start_steps: dict = {}    # key -> the step the run (re)started from
         self.stop_signal = None
         self.failed: list[str] = []
         self.finished: list[str] = []
@@ -376,8 +398,9 @@ class Runner:
         logf.flush()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(self.threads, port), stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        resumed = progress(run.dir)[0]
-        how = f"resuming after step {resumed}" if resumed else "new"
+        resumed = self.start_steps[run.key] = resume_step(run.dir)
+        how = f"resuming after step {resumed}" if resumed else ("new" if not progress(run.dir)[0] else
+                                                                  "restarting: no checkpoint yet")
         self.log(f"[study] start {index}/{total} {run.key} ({how}; {self.nproc} rank(s) x {self.threads} "
                  f"thread(s), pid {proc.pid})")
         self.running[run.key] = (run, proc, port, time.time(), logf)
@@ -423,11 +446,8 @@ class Runner:
             step, total = progress(run.dir)
             el = time.time() - t0
             if total and step:
-                start_step = getattr(run, "_start_step", None)
-                if start_step is None:
-                    start_step = run._start_step = step if step < total else 0
-                done = max(step - start_step, 1)
-                eta = el / done * (total - step) if step > start_step else float("nan")
+                start_step = self.start_steps.get(key, 0)
+                eta = el / (step - start_step) * (total - step) if step > start_step else float("nan")
                 eta_s = _fmt_s(eta) if math.isfinite(eta) else "?"
                 self.log(f"[study] ... {key} step {step}/{total} ({100 * step / total:.0f}%), {_fmt_s(el)} so far, "
                          f"about {eta_s} left")
@@ -561,7 +581,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def diff_ci(arm: dict[int, float], base: dict[int, float]) -> tuple[float, float, float, str]:
     """(difference of means, CI low, CI high, how): paired by seed when the seeds match, else Welch."""
     common = sorted(set(arm) & set(base))
-    if common and len(common) == len(arm) == len(base):
+    if len(common) == len(arm):                          # every seed of the arm has its baseline run
         d = [arm[s] - base[s] for s in common]
         m, sd = mean_std(d)
         if len(d) < 2:
