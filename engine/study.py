@@ -522,7 +522,8 @@ def cmd_run(args) -> int:
     n_done = len(study.runs) - len(todo)
     resumed = sum(1 for r in todo if states[r.key] != "pending")
     print(f"[study] {spec['name']}: {len(study.runs)} runs ({len(study.groups)} group(s) x {len(study.arms)} arm(s) "
-          f"x {len(spec['seeds'])} seed(s)); {n_done} done, {resumed} to resume, {len(todo) - resumed} new; "
+          f"x seeds {spec['seeds']}" + (f", sweep seeds {spec['sweep']['seeds']}" if (spec.get("sweep") or {}).get(
+              "seeds") else "") + f"); {n_done} done, {resumed} to resume, {len(todo) - resumed} new; "
           f"{parallel} at a time, {runner.nproc} rank(s) x {runner.threads} thread(s) each on {cores} core(s)",
           flush=True)
     if args.dry_run:
@@ -739,7 +740,52 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     files.append(name)
+
+    points = sweep_points(study.spec, arms)
+    if len(points) >= 2:                              # Table 2's view: the final metric against the swept value
+        flag = study.spec["sweep"]["flag"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = sorted(points)
+        stats = [mean_std([run["final"][metric] for run in data[points[x]] if metric in run["final"]]) for x in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s if math.isfinite(s) else 0 for _, s in stats], fmt="o-",
+                    capsize=4, label=f"{study.spec['sweep'].get('flags', {}).get('rdrop.mode', 'sweep')}")
+        for x in xs:
+            ax.annotate(f"n={len(data[points[x]])}", (x, stats[xs.index(x)][0]), textcoords="offset points",
+                        xytext=(4, 6), fontsize=7)
+        if data.get(study.baseline):
+            bm, bs = mean_std([run["final"][metric] for run in data[study.baseline] if metric in run["final"]])
+            ax.axhline(bm, color="k", lw=1, label=f"{study.baseline} (mean ± std)")
+            if math.isfinite(bs):
+                ax.axhspan(bm - bs, bm + bs, color="k", alpha=0.1)
+        if min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(flag)
+        ax.set_ylabel(f"final validation {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{title}: final {metric} against {flag}", fontsize=9)
+        fig.tight_layout()
+        name = f"{prefix}sweep.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        files.append(name)
     return files
+
+
+def sweep_points(spec: dict, arms: list[str]) -> dict:
+    """{swept value: arm} for the sweep's arms and for every other arm with the sweep's flags and a value of the
+    swept flag (e.g. the main R-Drop arm of the same mode)."""
+    sweep = spec.get("sweep") or {}
+    if not sweep:
+        return {}
+    base = sweep.get("flags") or {}
+    out = {}
+    for a in arms:
+        flags = arms_of(spec)[a]
+        v = flags.get(sweep["flag"])
+        if isinstance(v, (int, float)) and all(flags.get(k) == val for k, val in base.items()):
+            out.setdefault(float(v), a)
+    return out
 
 
 def cmd_report(args) -> int:

@@ -109,7 +109,8 @@ def test_report_numbers_on_hand_made_runs(tmp_path):
     """mean ± std over seeds, the paired difference and its t-interval, best-of-evals, time ratio, the gap."""
     spec = {"name": "fake", "task": "image_classification", "ds_config": "ds_configs/zero2.json",
             "arms": {"none": {"rdrop.mode": "none"}, "rdrop": {"rdrop.mode": "rdrop"}}, "baseline": "none",
-            "seeds": [1, 2, 3]}
+            "seeds": [1, 2, 3],
+            "sweep": {"flag": "rdrop.alpha", "values": [1.0, 3.0], "flags": {"rdrop.mode": "rdrop"}, "seeds": [1, 2]}}
     d = tmp_path / "s"
     d.mkdir()
     (d / "spec.json").write_text(json.dumps(spec))
@@ -117,6 +118,9 @@ def test_report_numbers_on_hand_made_runs(tmp_path):
     for s, b, a in zip((1, 2, 3), base, arm):
         _fake_run(d, "none", s, [0.5, 0.95, b], 100.0)
         _fake_run(d, "rdrop", s, [0.4, a - 0.01, a], 170.0)
+        if s < 3:
+            _fake_run(d, "alpha=1.0", s, [a + 0.01], 170.0)
+            _fake_run(d, "alpha=3.0", s, [a - 0.02], 170.0)
     assert study.main(["report", str(d)]) == 0
     text = (d / "report.md").read_text()
     diffs = [3.0, 2.0, 4.0]                                   # points (x100), paired by seed
@@ -127,6 +131,11 @@ def test_report_numbers_on_hand_made_runs(tmp_path):
     assert "| `none` | 3 | 92.00 ± 2.00 | — | 95.00 ± 0.00 |" in text     # best of each run's evals: 0.95
     assert "| `rdrop` | 3 |" in text and "1.70x" in text
     assert "0.400 | 0.800 | 0.400 |" in text                  # train NLL over the last 10% (step 100), gap
+    # the sweep's arms run on seeds 1-2 only: paired with the baseline's seeds 1-2 (diffs 4 and 3 points)
+    h2 = 12.706204736174707 * math.sqrt(0.5) / math.sqrt(2)
+    assert f"| `alpha=1.0` | 2 | 94.50 ± 0.71 | **+3.50 [{3.5 - h2:+.2f}, {3.5 + h2:+.2f}]" not in text  # CI crosses 0
+    assert f"| `alpha=1.0` | 2 | 94.50 ± 0.71 | +3.50 [{3.5 - h2:+.2f}, {3.5 + h2:+.2f}] |" in text
+    assert (d / "sweep.png").stat().st_size > 1000 and "sweep.png" in text
     # unpaired when the seeds differ: Welch
     d_, lo, hi, how = study.diff_ci({1: 1.0, 2: 2.0}, {3: 0.0, 4: 0.5, 5: 1.0})
     assert how == "welch" and d_ == pytest.approx(1.0) and lo < 1.0 < hi
