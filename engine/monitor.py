@@ -4,6 +4,8 @@ a tqdm bar, all on rank 0.  Values arrive already reduced over ranks (sums divid
 DeepSpeed 0.19 writes only Train/Samples/lr by itself; the engine writes these tags through engine.monitor:
   Train/loss  Train/nll  Train/consistency  Train/alpha  Train/lr  Train/grad_norm  Train/samples_per_sec
   Train/units_per_sec  Eval/<metric>  (x axis: optimizer step)
+metrics.jsonl's eval records also carry ``train_s``: wall seconds spent in training steps so far (evaluation and
+checkpoint saving excluded, summed over resumed sessions), the x axis of curves against time (engine/study.py).
 """
 from __future__ import annotations
 
@@ -36,10 +38,13 @@ class Monitor:
         with open(self.path, "w") as f:
             f.writelines(keep)
 
-    def log(self, kind: str, step: int, values: dict[str, float]) -> None:
+    def log(self, kind: str, step: int, values: dict[str, float], extra: dict[str, float] | None = None) -> None:
+        """One record to metrics.jsonl, TensorBoard and the bar; ``extra`` goes to metrics.jsonl only (eval
+        records carry ``train_s``, the training seconds so far, for curves against wall-clock time)."""
         if not self.is_main:
             return
-        record = {"kind": kind, "step": step, **{k: float(v) for k, v in values.items()}}
+        record = {"kind": kind, "step": step, **{k: float(v) for k, v in values.items()},
+                  **{k: float(v) for k, v in (extra or {}).items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.ds_monitor is not None and getattr(self.ds_monitor, "enabled", False):

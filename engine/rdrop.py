@@ -15,12 +15,19 @@ Reduction (the one place it is defined; every task returns SUMS):
     divided by the number of units of ONE copy, counted over all micro-batches of the optimizer step and all
     data-parallel ranks (engine/trainer.py does the division, so gradient accumulation and world size change
     nothing).  KL is summed over classes per unit, symmetric and halved as above.
-Consequences for the paper's alphas:
-    - translation / summarization / LM (fairseq criterion): identical reduction, so alpha 5 (IWSLT, WMT),
-      0.7 (CNN/DM), 1.0 (LM) carry over unchanged;
-    - GLUE (HF fork: mean CE per pass + alpha * (KL.sum + rKL.sum) / 2 over the batch): same per-example scale,
-      alphas of Table 1 carry over;
-    - ViT (CE + CE + alpha * (KL + rKL), no halving): their alpha a corresponds to 2a here (0.3 -> 0.6).
+Consequences for the paper's alphas (README "Alpha: mapping the paper's settings" derives each one):
+    write a criterion as  W_nll * sum(NLL_a + NLL_b) + W_kl * sum(KL + rKL)  over the units of one step; its
+    alpha in engine units is  2 * W_kl / W_nll  (here W_nll = 1/N, W_kl = alpha/(2N), N = units of one copy).
+    - translation / summarization / LM (fairseq criterion: sums, KL halved, divided by the target tokens of one
+      copy): identical reduction, so alpha 5 (IWSLT, WMT), 0.7 (CNN/DM), 1.0 (LM) carry over unchanged;
+    - GLUE, Table 1 of the appendix: those alphas belong to the authors' fairseq RoBERTa criterion
+      (reg_cross_entropy: per-example sums divided by the number of examples), identical reduction, unchanged;
+      their Hugging Face BERT code is different: CE_mean(a) + CE_mean(b) + 0.5 * (KL.sum + rKL.sum) / 2 with the
+      KL summed over the batch (0.5 hard-coded), i.e. W_nll = 1/B, W_kl = 0.25: engine alpha = 0.5 * B
+      (B = their per-GPU batch: 8 for RTE, 16 for MRPC/CoLA/STS-B, 32 for the rest);
+    - ViT (vit_src/models/modeling.py): CE_mean(a) + CE_mean(b) + a * (KL.sum + rKL.sum), the KL summed over the
+      micro-batch and not halved, i.e. W_nll = 1/B, W_kl = a: engine alpha = 2 * a * B (B = their per-GPU
+      micro-batch; their CIFAR-100 default a = 0.3 with batch 512 / accumulation 16 -> B = 32 -> alpha 19.2).
 Modes: "none" (baseline: one copy, plain loss), "rdrop", "duplicate" (doubled batch, no consistency term:
 the ablation of appendix C.2; same compute as R-Drop without the KL), "fd" (fraternal dropout, Zolna et al. 2018,
 the appendix's comparison: the squared L2 distance between the two copies' pre-softmax outputs, summed over

@@ -162,6 +162,7 @@ class Trainer:
         self._datasets: dict = {}
         self.best = None
         self.start_step = 0
+        self.train_seconds = 0.0      # wall seconds in training steps (no eval, no saving), summed over resumes
         self.final_metrics: dict = {}
         self._stats: dict[str, list[float]] = {}     # Task.batch_stats sums over the current log interval
 
@@ -248,6 +249,7 @@ class Trainer:
             raise
         self.start_step = self.last_saved_step = int(client["step"])
         self.best = client.get("best")
+        self.train_seconds = float(client.get("train_seconds", 0.0))
         if client.get("world_size") != world.world_size:
             dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
         if world.is_main:
@@ -321,6 +323,7 @@ class Trainer:
         # log-interval sums: loss, nll, consistency (device) | units (one copy), samples (one copy), copies*units
         dev_sums, host_sums = torch.zeros(3, dtype=torch.float64, device=world.device), [0.0] * 3
         t_last, step, grad_norm = time.perf_counter(), self.start_step, float("nan")
+        t_step = t_last
         engine.train()
         if self.guard.stop_agreed():            # signalled while setting up: nothing new to save
             raise Preempted(step, self.preemption.reason, None)
@@ -353,6 +356,7 @@ class Trainer:
                 self._stats = {}
                 dev_sums.zero_()
                 host_sums, t_last = [0.0] * 3, time.perf_counter()
+            self.train_seconds += time.perf_counter() - t_step
             if verdict.stop:                     # preemption: save this step (every rank), then leave
                 saved = self.save(step)
                 self.preemption.finish()
@@ -369,6 +373,7 @@ class Trainer:
                           flush=True)
                 self.stopped_early = True
                 break
+            t_step = time.perf_counter()
         if self.start_step >= self.total_steps:        # resumed a finished run: evaluate what is there
             self.evaluate(step)
         return self.final_metrics
@@ -382,7 +387,7 @@ class Trainer:
             metrics = self.task.evaluate(ctx, self.eval_split)
         finally:
             self.engine.train()
-        self.monitor.log("eval", step, metrics)
+        self.monitor.log("eval", step, metrics, extra={"train_s": self.train_seconds})
         self.final_metrics = {"step": step, "split": self.eval_split, **metrics}
         value = metrics.get(self.task.metric)
         if value is not None and math.isfinite(value) and self.cfg.checkpoint.save_best:
@@ -394,6 +399,7 @@ class Trainer:
 
     def _client_state(self, step: int) -> dict:
         return {"step": step, "micro_step": step * self.cfg.train.grad_accum, "best": self.best,
+                "train_seconds": self.train_seconds,
                 "world_size": self.world.world_size, "data": {"epoch": step // self.batches.steps_per_epoch,
                                                               "step_in_epoch": step % self.batches.steps_per_epoch},
                 "config": self.resolved}

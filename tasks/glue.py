@@ -30,6 +30,10 @@ alpha, dropout 0.1) with Adam(0.9, 0.98), eps 1e-6, weight decay 0.01 (not on bi
 warmup over 6% of the max updates (RoBERTa's GLUE choice; the paper leaves it to "previous works") then linear
 decay to 0, and BERT-base (bert-base-uncased) as in the paper.  The batch of Table 1 is the batch of one GPU: with
 W ranks pass --train.micro_batch_size B/W.  Offline, add --task.model minilm --task.data_dir ../shared/data/glue/X.
+Table 1's alphas are those of the authors' fairseq RoBERTa criterion (per-example sums divided by the number of
+examples), the engine's reduction, so they carry over unchanged.  Their Hugging Face BERT code weights the KL
+differently (CE_mean + CE_mean + 0.5 * (KL.sum + rKL.sum) / 2, summed over the batch): in engine units that is
+alpha = 0.5 * B, e.g. 4 for RTE (B = 8), 8 for MRPC (B = 16); pass --rdrop.alpha to reproduce that code instead.
 """
 from __future__ import annotations
 

@@ -134,6 +134,25 @@ def test_reduction_is_sum_over_both_copies_over_units_of_one_copy(tmp_path):
         torch.testing.assert_close(got[n], w, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_sgd_under_zero2_equals_zero0(tmp_path):
+    """--optim.name sgd (momentum, weight decay) under ZeRO-2 on 2 ranks, where DeepSpeed refuses torch SGD unless
+    zero_allow_untested_optimizer is set, ends in the same weights as ZeRO-0 on 1 rank with accumulation 2."""
+    def args(out, ds, accum):
+        return [*TINY, "--output_dir", str(out), "--ds_config", f"ds_configs/{ds}.json", "--train.max_steps", "4",
+                "--train.micro_batch_size", "8", "--train.grad_accum", str(accum), "--task.dropout", "0",
+                "--rdrop.mode", "duplicate", "--optim.name", "sgd", "--optim.lr", "0.1", "--optim.momentum", "0.9",
+                "--optim.weight_decay", "0.01", "--optim.schedule", "constant", "--task.max_eval_examples", "10"]
+    run(args(tmp_path / "z0", "zero0", 2), nproc=1)
+    run(args(tmp_path / "z2", "zero2", 1), nproc=2, launcher="deepspeed")
+    resolved = json.loads((tmp_path / "z2" / "config.json").read_text())["ds_config_resolved"]
+    assert resolved["zero_allow_untested_optimizer"] is True and resolved["optimizer"]["type"] == "SGD"
+    a, b = load_weights(tmp_path / "z0"), load_weights(tmp_path / "z2")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    la, lb = [r["loss"] for r in metrics(tmp_path / "z0")], [r["loss"] for r in metrics(tmp_path / "z2")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     """Stop after step 5 (checkpoint), --resume auto to the end: losses and weights equal the straight run."""
     common = [*TINY, "--ds_config", "ds_configs/zero2.json", "--train.max_steps", "10",

@@ -83,6 +83,25 @@ def test_ds_config_autos_are_filled_and_clipping_is_explicit():
     assert "auto" not in json.dumps(ds)
 
 
+def test_sgd_allows_deepspeeds_untested_optimizer_under_zero_only():
+    """ZeRO 1-3 assert on torch SGD unless zero_allow_untested_optimizer is set: the engine sets it for SGD only."""
+    sgd = parse_args(BASE + ["--optim.name", "sgd"])
+    adam = parse_args(BASE)
+    for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+        ds = resolve(load(str(ROOT / "ds_configs" / f"{name}.json")), sgd, 1, name, on_cpu=True)
+        assert ds["zero_allow_untested_optimizer"] is True, name
+        ds = resolve(load(str(ROOT / "ds_configs" / f"{name}.json")), adam, 1, name, on_cpu=True)
+        assert "zero_allow_untested_optimizer" not in ds, name
+    ds = resolve(load(str(ROOT / "ds_configs" / "zero0.json")), sgd, 1, "zero0", on_cpu=True)
+    assert "zero_allow_untested_optimizer" not in ds          # ZeRO-0 takes any optimizer
+    raw = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    raw["zero_allow_untested_optimizer"] = False
+    with pytest.raises(ConfigError, match="zero_allow_untested_optimizer=False .* needs it true"):
+        resolve(raw, sgd, 1, "my.json", on_cpu=True)
+    raw["zero_allow_untested_optimizer"] = "auto"
+    assert resolve(raw, adam, 1, "my.json", on_cpu=True)["zero_allow_untested_optimizer"] is False
+
+
 def test_missing_and_broken_ds_config(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(str(tmp_path / "nope.json"))

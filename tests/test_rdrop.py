@@ -167,3 +167,40 @@ def test_fd_mode_is_squared_l2_between_pre_softmax_outputs():
     fd = ((a - b) ** 2).sum()
     assert out.copies == 2 and out.consistency.item() == pytest.approx(fd.item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(out.nll.item() + 0.5 * fd.item(), rel=1e-5)
+
+
+def _authors_terms(model, x, y, seed):
+    """The two sub-models' logits of one forward on [x; x], as the engine draws them, plus the pieces of the
+    authors' losses: per-pass mean cross-entropies and the KL / reverse KL summed over classes AND the batch."""
+    torch.manual_seed(seed)
+    logits = model(torch.cat([x, x]))
+    n = x.shape[0]
+    a, b = logits[:n], logits[n:]
+    ce_mean = nn.functional.cross_entropy(a, y) + nn.functional.cross_entropy(b, y)
+    la, lb = a.log_softmax(-1), b.log_softmax(-1)
+    kl_sum = nn.functional.kl_div(lb, la, log_target=True, reduction="sum")    # KL(a || b), summed
+    rkl_sum = nn.functional.kl_div(la, lb, log_target=True, reduction="sum")   # KL(b || a), summed
+    return ce_mean, kl_sum, rkl_sum
+
+
+@pytest.mark.parametrize("B", [8, 32])
+def test_alpha_mapping_of_the_authors_vit_and_bert_code(B):
+    """The README's mappings, checked as equal losses (hence equal gradients) on one micro-batch of B examples:
+    engine loss / B with alpha = 2 * a * B equals the authors' ViT loss CE_mean + CE_mean + a * (KL.sum + rKL.sum);
+    with alpha = 0.5 * B it equals their HF BERT loss CE_mean + CE_mean + 0.5 * (KL.sum + rKL.sum) / 2; with the
+    alpha unchanged it equals their fairseq RoBERTa criterion (sums, KL halved) / B, where Table 1's alphas belong."""
+    from tasks.image_classification import VIT_ALPHA
+    task, model = Toy(_Cfg()), _model()
+    x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
+    ce_mean, kl, rkl = _authors_terms(model, x, y, seed=5)
+    a = 0.3
+    torch.manual_seed(5)
+    vit = rdrop.rdrop_loss(task, model, {"x": x, "y": y}, "rdrop", alpha=2 * a * B).loss / B
+    assert vit.item() == pytest.approx((ce_mean + a * (kl + rkl)).item(), rel=1e-5)
+    torch.manual_seed(5)
+    bert = rdrop.rdrop_loss(task, model, {"x": x, "y": y}, "rdrop", alpha=0.5 * B).loss / B
+    assert bert.item() == pytest.approx((ce_mean + 0.5 * (kl + rkl) / 2).item(), rel=1e-5)
+    torch.manual_seed(5)
+    fairseq = rdrop.rdrop_loss(task, model, {"x": x, "y": y}, "rdrop", alpha=1.0).loss / B
+    assert fairseq.item() == pytest.approx((ce_mean * B + 1.0 * (kl + rkl) / 2).item() / B, rel=1e-5)
+    assert VIT_ALPHA == pytest.approx(2 * 0.3 * 32)          # their CIFAR-100 default: batch 512 / accumulation 16
