@@ -801,12 +801,15 @@ def cmd_report(args) -> int:
     n_done = sum(1 for r in study.runs if run_state(r) == "done")
     wall = sum(s.get("wall_s", 0.0) for s in sessions)
     hosts = sorted({s.get("host", "?") for s in sessions})
+    finals = [d["final"].get("train_s", 0.0) for d in (load_run(r) for r in study.runs) if d is not None]
     lines += [f"- runs finished: **{n_done} of {len(study.runs)}** ({len(study.groups)} group(s) x {len(study.arms)} "
               f"arm(s) x seeds {spec['seeds']}); baseline arm: `{study.baseline}`",
               (f"- wall time of the study: {_fmt_s(wall)} over {len(sessions)} sitting(s) on {', '.join(hosts)}; "
                + ", ".join(f"{s.get('parallel')} run(s) at a time x {s.get('nproc')} rank(s) x {s.get('threads')} "
                            f"thread(s) on {s.get('cores')} core(s)" for s in sessions[-1:]))
               if sessions else "- wall time of the study: not recorded (no study.jsonl)",
+              f"- training time summed over the finished runs: {_fmt_s(sum(finals))} (train_s of each run's last "
+              "evaluation, kept across interruptions; a sitting that was killed writes no study.jsonl line)",
               "- every run: `python -m engine.train " + " ".join(study.runs[0].argv).replace(str(study.dir), "DIR")
               + "` (that is the first run; the others differ in the arm's flags, the group's and `--seed`)",
               "- arms: " + "; ".join(f"`{a}` = " + (" ".join(f"--{k} {_flag_value(v)}" for k, v in f.items()) or

@@ -437,7 +437,10 @@ def test_sigterm_to_a_bare_deepspeed_launch(tmp_path, target):
     _wait(lambda: checkpoint.read_pointer(str(root / "latest")) and
           checkpoint.verify(str(root), latest(out)) is None and not any(n.startswith(".tmp") for n in
                                                                          os.listdir(root)), 10, "a complete latest")
-    step = _stopped_step(text, "SIGTERM" if target == "process_group" else "launcher exit")
+    # runner_only: every rank watches its parent; whichever notices the launcher's exit first tells the others, so
+    # rank 0 (the one that prints) may report either reason under load
+    step = _stopped_step(text, "SIGTERM" if target == "process_group" else "(?:launcher exit|another rank was "
+                                                                            "signalled)")
     assert latest(out) == f"global_step{step}" and max(r["step"] for r in metrics(out)) == step
 
 
