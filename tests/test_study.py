@@ -65,7 +65,8 @@ def test_study_runs_resumes_after_an_interrupt_and_reports(tmp_path):
     # sitting 3: the rest; the finished run is skipped, the interrupted ones continue from their checkpoints
     p = _study(["run", str(spec_path), "--dir", str(d), "--parallel", "2"])
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "1 done" in p.stdout and "resuming after step" in p.stdout
+    n_done = sum(v == "done" for v in states.values())      # none/seed2 may have finished in sitting 2 under load
+    assert f"{n_done} done" in p.stdout and "resuming after step" in p.stdout
     assert set(_states(d).values()) == {"done"} and len(_states(d)) == 4
     assert (d / "runs" / "none" / "seed1" / "train.log").read_text() == first_log
     assert "resumed from" in (target / "train.log").read_text()
