@@ -217,7 +217,8 @@ def check_ds_config(ds: dict, path: str) -> None:
 _FREE = ("output_dir", "resume", "checkpoint.", "log.", "eval.", "dist.", "train.stop_at_step", "train.max_steps",
          "train.max_epochs", "train.save_grace_s", "train.nonfinite", "train.loss_spike_factor",
          "train.num_workers", "total_steps", "ds_config_resolved.tensorboard", "ds_config_resolved.steps_per_print",
-         "ds_config_resolved.checkpoint", "task_args.max_eval_examples", "world_size", "ds_config")
+         "ds_config_resolved.checkpoint", "task_args.max_eval_examples", "world_size", "ds_config",
+         "run_command", "resumed_with")     # the last two: bookkeeping, not settings
 
 
 def _flatten(d, prefix="") -> dict:
@@ -236,7 +237,7 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     out = []
     for k in sorted(set(a) | set(b)):
-        if any(k == f or (f.endswith(".") and k.startswith(f)) for f in _FREE):
+        if any(k == f or k.startswith(f if f.endswith(".") else f + ".") for f in _FREE):     # a key or its fields
             continue
         if a.get(k, "<unset>") != b.get(k, "<unset>"):
             out.append(f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}")

@@ -374,8 +374,9 @@ class Trainer:
                 self.stopped_early = True
                 break
             t_step = time.perf_counter()
-        if self.start_step >= self.total_steps:        # resumed a finished run: evaluate what is there
+        if self.start_step >= self.total_steps:        # resumed a finished run: evaluate and export what is there
             self.evaluate(step)
+            self.last_tag = f"global_step{step}"       # the checkpoint it resumed from (export() needs one)
         return self.final_metrics
 
     # ------------------------------------------------------------------------------------------- eval / save

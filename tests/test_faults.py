@@ -195,6 +195,22 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_resuming_a_finished_run_evaluates_and_exports_its_last_checkpoint(run4, train, tmp_path):
+    """A run killed after its final checkpoint but before its export (or one cut short by resuming with a lower
+    --train.max_steps): --resume auto trains nothing, evaluates and writes the export from that checkpoint."""
+    out = copy_run(run4, tmp_path)
+    shutil.rmtree(out / "hf_model", ignore_errors=True)
+    before = metrics(out)
+    rc, text, err = train(args(out, "--resume", "auto", "--train.max_steps", 4, "--checkpoint.export_hf", "true",
+                               "--checkpoint.save_best", "false"))
+    assert rc == 0 and "at step 4" in text, err[-3000:]
+    assert metrics(out) == before                       # no training step was taken
+    evals = metrics(out, "eval")
+    assert evals[-1]["step"] == 4
+    assert (out / "hf_model" / "config.json").is_file() and (out / "hf_model" / "export.json").is_file()
+    assert "settings changed" not in text               # export_hf may change freely; the run's own records too
+
+
 def test_checkpoint_with_a_pickle_payload_is_refused(run4, train, tmp_path):
     out = copy_run(run4, tmp_path)
     ckpt = out / "checkpoints" / "global_step4"
