@@ -25,6 +25,9 @@ def arm(root, name):
            "final_valid": {k: v for k, v in evals[-1].items() if k != "kind"},
            "resumed_with": [r["command"] for r in cfg.get("resumed_with", [])],
            "test_export": json.load(open(os.path.join(root, f"{name}.test_export.json")))}
+    su = os.path.join(root, f"{name}.source_use.json")          # source_use.py: NLL given own vs another dialogue
+    if os.path.isfile(su):
+        out["source_use_nll"] = json.load(open(su))
     path = os.path.join(root, f"{name}.valid_export.json")
     if os.path.isfile(path):
         ev = json.load(open(path))
