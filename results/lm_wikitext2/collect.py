@@ -48,4 +48,5 @@ def arm(root, name):
 
 if __name__ == "__main__":
     root = sys.argv[1]
-    print(json.dumps({name: arm(root, name) for name in ("baseline", "rdrop")}, indent=2))
+    text = json.dumps({name: arm(root, name) for name in ("baseline", "rdrop")}, indent=2)
+    print(text.replace(os.path.abspath(root), "RUNS").replace(root.rstrip("/"), "RUNS"))

@@ -38,4 +38,5 @@ def arm(root, name):
 
 if __name__ == "__main__":
     root = sys.argv[1]
-    print(json.dumps({m: arm(root, m) for m in ("none", "rdrop")}, indent=2))
+    text = json.dumps({m: arm(root, m) for m in ("none", "rdrop")}, indent=2)
+    print(text.replace(os.path.abspath(root), "RUNS").replace(root.rstrip("/"), "RUNS"))
