@@ -661,6 +661,15 @@ def _smooth_train(runs: list[dict], key: str = "nll") -> tuple[list, list]:
     return steps, sm
 
 
+def _save(fig, out: Path, name: str) -> str:
+    """Write one report figure as out/name and free it; returns the file name for the report."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)
+    return name
+
+
 def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, out: Path, prefix: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -686,11 +695,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{title}: validation {metric}, mean ± std over seeds")
-    fig.tight_layout()
-    name = f"{prefix}curves.png"
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(fig, out, f"{prefix}curves.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for a in arms:
@@ -716,11 +721,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: train vs validation loss (mean over seeds) and the generalisation gap")
-    fig.tight_layout()
-    name = f"{prefix}loss.png"
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(fig, out, f"{prefix}loss.png"))
 
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(arms) + 2), 4))
     swept = [a for a in arms if sweep_value(study.spec, a) is not None]
@@ -735,11 +736,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"{title}: final {metric} per seed (dots), mean ± std" +
                  (f"; sweep over {study.spec['sweep']['flag']}" if swept else ""), fontsize=9)
-    fig.tight_layout()
-    name = f"{prefix}final.png"
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    files.append(name)
+    files.append(_save(fig, out, f"{prefix}final.png"))
 
     points = sweep_points(study.spec, arms)
     if len(points) >= 2:                              # Table 2's view: the final metric against the swept value
@@ -764,11 +761,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"{title}: final {metric} against {flag}", fontsize=9)
-        fig.tight_layout()
-        name = f"{prefix}sweep.png"
-        fig.savefig(out / name, dpi=90)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"{prefix}sweep.png"))
     return files
 
 
