@@ -34,6 +34,13 @@ def _states(d):
             for p in sorted((d / "runs").rglob(study.STATE_FILE))}
 
 
+def _has_train_record(run_dir) -> bool:
+    try:
+        return bool(metrics(run_dir))
+    except (OSError, ValueError):           # not there yet, or a line being written
+        return False
+
+
 def test_study_runs_resumes_after_an_interrupt_and_reports(tmp_path):
     spec_path, d = tmp_path / "spec.json", tmp_path / "study"
     spec_path.write_text(json.dumps(TINY_SPEC))
@@ -45,14 +52,16 @@ def test_study_runs_resumes_after_an_interrupt_and_reports(tmp_path):
     assert not (d / "runs" / "none" / "seed1" / "checkpoints").exists()       # deleted once done
     first_log = (d / "runs" / "none" / "seed1" / "train.log").read_text()
 
-    # sitting 2: interrupted (SIGTERM to the study) once a running run has a checkpoint
+    # sitting 2: interrupted (SIGTERM to the study) as soon as a running run has logged its first step; the run
+    # saves the step it is in (engine/preempt.py), so no periodic checkpoint is needed. Waiting for the step-10
+    # checkpoint instead raced the run's last 50 steps on a quiet machine (the run could finish first).
     proc = subprocess.Popen([PY, "-m", "engine.study", "run", str(spec_path), "--dir", str(d), "--parallel", "2",
                              "--progress_s", "0"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     target = d / "runs" / "alpha=1.0" / "seed1"
     deadline = time.time() + 300
-    while time.time() < deadline and not (target / "checkpoints" / "latest").is_file():
-        time.sleep(0.05)
+    while time.time() < deadline and not _has_train_record(target):
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
@@ -60,7 +69,7 @@ def test_study_runs_resumes_after_an_interrupt_and_reports(tmp_path):
     states = _states(d)
     assert states["none/seed1"] == "done" and states["alpha=1.0/seed1"] == "interrupted", states
     stopped_at = metrics(target)[-1]["step"]
-    assert 10 <= stopped_at < 60
+    assert 1 <= stopped_at < 60
 
     # sitting 3: the rest; the finished run is skipped, the interrupted ones continue from their checkpoints
     p = _study(["run", str(spec_path), "--dir", str(d), "--parallel", "2"])
