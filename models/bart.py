@@ -81,6 +81,22 @@ def pretrained_bart_config(path: str, dropout=None, attention_dropout=None, acti
     return config
 
 
+def check_pretrained(config, preset: str, path: str, positions: int) -> None:
+    """A pretrained BART folder must be the architecture ``--task.model`` names and hold enough positions."""
+    from engine.config import ConfigError
+    if getattr(config, "model_type", "") != "bart":
+        raise ConfigError(f"--task.pretrained {path} is a {getattr(config, 'model_type', '?')} model, not BART: "
+                          "pass a BART checkpoint (facebook/bart-large, or DIR/hf_model of a bart_* run)")
+    got = {k: getattr(config, k) for k in PRESETS[preset]}
+    if got != PRESETS[preset]:
+        diff = ", ".join(f"{k} {got[k]} (not {v})" for k, v in PRESETS[preset].items() if got[k] != v)
+        raise ConfigError(f"--task.pretrained {path} is not a {preset}: {diff}; pass the --task.model it was "
+                          "trained as")
+    if config.max_position_embeddings < positions:
+        raise ConfigError(f"--task.pretrained {path} has {config.max_position_embeddings} positions: keep "
+                          f"--task.max_source_positions / --task.max_target_positions <= that")
+
+
 def build_minilm2minilm(ds_config: dict, path: str, *, pad: int, cls: int, sep: int, dropout: float | None = None,
                         attention_dropout: float | None = None):
     """EncoderDecoderModel(MiniLM encoder, MiniLM decoder with cross-attention); tokens: [CLS] x [SEP] ->

@@ -178,7 +178,7 @@ def generation_kwargs(c: Seq2SeqConfig, layout: Layout, src_len: int, beam: int 
     beam = c.beam if beam is None else beam
     if beam < 1:
         raise ConfigError(f"beam must be >= 1, got {beam}: pass --beam 5 (or --task.beam 5)")
-    return dict(num_beams=beam, length_penalty=c.lenpen if lenpen is None else lenpen, early_stopping=True,
+    return dict(num_beams=beam, length_penalty=c.lenpen if lenpen is None else lenpen, early_stopping=beam > 1,
                 do_sample=False, max_length=max(1, int(c.max_len_a * src_len + c.max_len_b)) + 2,
                 min_length=c.min_len + 1 if c.min_len else 0, no_repeat_ngram_size=c.no_repeat_ngram_size,
                 decoder_start_token_id=layout.decoder_start, eos_token_id=layout.eos, pad_token_id=layout.pad,
@@ -307,6 +307,7 @@ class Seq2SeqTask(Task):
         src_tok, tgt_tok = self.tokenizers()
         s_text, t_text = self.raw(split)
         s_ids, t_ids = _text.encode(src_tok, s_text), _text.encode(tgt_tok, t_text)
+        s_ids, t_ids, s_text, t_text = self.make_pairs(split, s_ids, t_ids, s_text, t_text)
         ms, mt = c.max_source_positions - lay.src_extra, c.max_target_positions - lay.tgt_extra
         long = [i for i in range(len(s_ids)) if len(s_ids[i]) > ms or len(t_ids[i]) > mt]
         if split == "train" and c.long_train_examples == "drop":
@@ -327,6 +328,11 @@ class Seq2SeqTask(Task):
         self._log(f"{name}: {len(ds)} pairs")
         self._splits[name] = ds
         return ds
+
+    def make_pairs(self, split: str, s_ids, t_ids, s_text, t_text):
+        """The encoded (source, target) pairs a split trains or evaluates on, before the length filter: as read by
+        default; a subclass may derive other pairs from them (summarization's denoising objective)."""
+        return s_ids, t_ids, s_text, t_text
 
     def example_sizes(self, dataset: PairSplit):
         """(source, target) lengths with their special tokens: fairseq's size columns for token batching."""
@@ -472,9 +478,10 @@ class Seq2SeqTask(Task):
         tok, lay = self.tokenizers()[0], self.layout
         names = {"pad_token": lay.pad, "eos_token": lay.eos, "bos_token": lay.bos}
         out = {k: tok.id_to_token(i) for k, i in names.items()}
-        unk = next((u for u in ("<unk>", "[UNK]") if tok.token_to_id(u) is not None), None)
-        if unk is not None:
-            out["unk_token"] = unk
+        for key, names in (("unk_token", ("<unk>", "[UNK]")), ("mask_token", ("<mask>", "[MASK]"))):
+            hit = next((u for u in names if tok.token_to_id(u) is not None), None)
+            if hit is not None:
+                out[key] = hit
         return out
 
     def source_template(self) -> str:
@@ -489,7 +496,9 @@ class Seq2SeqTask(Task):
         from transformers import GenerationConfig
         c, lay = self.cfg, self.layout
         cap = min(int(c.max_len_a * c.max_source_positions + c.max_len_b), c.max_target_positions - 1)
-        return GenerationConfig(num_beams=c.beam, length_penalty=c.lenpen, early_stopping=True, do_sample=False,
+        # early_stopping only means something to beam search (transformers refuses to save it with one beam)
+        return GenerationConfig(num_beams=c.beam, length_penalty=c.lenpen, early_stopping=c.beam > 1,
+                                do_sample=False,
                                 max_length=max(1, cap) + 2, min_length=c.min_len + 1 if c.min_len else 0,
                                 no_repeat_ngram_size=c.no_repeat_ngram_size,
                                 decoder_start_token_id=lay.decoder_start, bos_token_id=lay.bos, eos_token_id=lay.eos,

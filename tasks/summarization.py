@@ -46,7 +46,7 @@ from engine.config import ConfigError
 from tasks import _seq2seq, _text
 from tasks._seq2seq import Layout, Seq2SeqConfig, Seq2SeqTask
 
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]        # BART's ids 0, 1, 2, 3
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]   # BART's ids 0, 1, 2, 3; <mask> for text infilling
 BART_LAYOUT = Layout(pad=1, eos=2, bos=0, decoder_start=2, src_bos=True, tgt_bos=True)
 HUB = {"cnn_dailymail": ("3.0.0", "article", "highlights"), "xsum": (None, "document", "summary"),
        "samsum": (None, "dialogue", "summary")}
@@ -69,15 +69,28 @@ class Config(Seq2SeqConfig):
     max_len_b: int = 100
     min_len: int = 1
     no_repeat_ngram_size: int = 3
+    objective: str = "summarize"        # summarize | denoise: BART's text infilling on the documents (pretraining)
+    mask_ratio: float = 0.3             # denoise: the fraction of each document's tokens masked, in spans
+    poisson_lambda: float = 3.0         # denoise: span lengths ~ Poisson(lambda); each span becomes one <mask>
 
     def validate(self) -> None:
         from models.bart import ENCODER_DECODER, PRESETS
         if self.model not in PRESETS and self.model not in ENCODER_DECODER:
             raise ConfigError(f"--task.model {self.model!r} is not a preset: choose one of "
                               f"{', '.join([*PRESETS, *ENCODER_DECODER])}")
-        if self.pretrained and self.model not in ("bart_base", "bart_large"):
-            raise ConfigError(f"--task.pretrained loads a BART checkpoint: pass --task.model bart_base or bart_large "
-                              f"with it, not {self.model}")
+        if self.pretrained and self.model not in PRESETS:
+            raise ConfigError(f"--task.pretrained loads a BART checkpoint: pass a BART preset (bart_base, "
+                              f"bart_large, ...) with it, not {self.model}")
+        if self.objective not in ("summarize", "denoise"):
+            raise ConfigError(f"--task.objective must be summarize or denoise, got {self.objective!r}")
+        if self.objective == "denoise":
+            if self.model in ENCODER_DECODER:
+                raise ConfigError("--task.objective denoise pretrains a BART model: pass a BART preset, not "
+                                  f"{self.model}")
+            if not 0 < self.mask_ratio < 1 or not 0 < self.poisson_lambda < 100:
+                raise ConfigError(f"--task.mask_ratio must be in (0, 1) and --task.poisson_lambda in (0, 100), got "
+                                  f"{self.mask_ratio} / {self.poisson_lambda}")
+            self.eval_generate = False  # a denoising run is scored by its loss / perplexity
         super().validate()
 
 
@@ -104,6 +117,30 @@ def rouge_scores(hyps: list[str], refs: list[str]) -> dict[str, float]:
     return {k: 100.0 * v / n for k, v in totals.items()}
 
 
+def text_infilling(ids: list[int], mask: int, ratio: float, lam: float, rng) -> list[int]:
+    """BART's text infilling (Lewis et al. 2020; fairseq's DenoisingDataset with replace_length 1) on token ids:
+    span lengths ~ Poisson(lam) are drawn until they cover round(ratio * len(ids)) tokens (the last one cut to fit),
+    and each span is replaced by ONE ``mask`` (a span of length 0 inserts a mask), so the model must also infer how
+    many tokens are missing.  The spans are placed without overlap at random (the unmasked tokens are split into
+    len(spans) + 1 random runs around them, as in T5's span corruption), so exactly that many tokens are masked.
+    ``rng`` is a numpy Generator (the caller seeds it)."""
+    n = len(ids)
+    budget = int(round(ratio * n))
+    if n == 0 or budget == 0:
+        return list(ids)
+    lengths = []
+    while sum(lengths) < budget:
+        lengths.append(int(rng.poisson(lam)))
+    lengths[-1] -= sum(lengths) - budget
+    cuts = sorted(int(c) for c in rng.integers(0, n - budget + 1, size=len(lengths)))
+    runs = [b - a for a, b in zip([0, *cuts], [*cuts, n - budget])]
+    out, pos = [], 0
+    for run, length in zip(runs, lengths):
+        out += ids[pos:pos + run] + [mask]
+        pos += run + length
+    return out + ids[pos:]
+
+
 def find_split_file(data_dir: str, split: str) -> str:
     for pattern in (f"{split}", f"*-{split}", f"*_{split}"):
         for ext in TABLE_EXTS:
@@ -114,9 +151,22 @@ def find_split_file(data_dir: str, split: str) -> str:
                       f"NAME-{split}.*); check --task.data_dir and --task.{{train,valid,test}}_split")
 
 
+class _ByObjective:
+    """A class attribute whose value on a task object follows its ``--task.objective``."""
+
+    def __init__(self, summarize, denoise):
+        self.summarize, self.denoise = summarize, denoise
+
+    def __get__(self, obj, owner=None):
+        return self.summarize if obj is None or obj.cfg.objective == "summarize" else self.denoise
+
+
 class Summarization(Seq2SeqTask):
     Config = Config
-    metric = "rougeL"
+    # the config owns the metric: ROUGE-L when summarizing, the loss when denoising (nothing is generated); the
+    # class itself (the average tool's --best) says rougeL
+    metric = _ByObjective("rougeL", "nll")
+    metric_mode = _ByObjective("max", "min")
     name = "summarization"
     pipeline_tag = "summarization"
     tool_name = "summarize"
@@ -173,6 +223,26 @@ class Summarization(Seq2SeqTask):
                               f"{', '.join(ds.column_names)}): pass --task.source_column / --task.target_column")
         return [x or "" for x in ds[src_col]], [x or "" for x in ds[tgt_col]]
 
+    def make_pairs(self, split, s_ids, t_ids, s_text, t_text):
+        """denoise: (text infilling of the document, the document) for every document of the split, the target
+        cut to the target positions; the noise is drawn once per split, seeded by the run's seed for training and
+        by a fixed seed for the other splits (their loss stays comparable between runs)."""
+        if self.cfg.objective != "denoise":
+            return s_ids, t_ids, s_text, t_text
+        import zlib
+
+        import numpy as np
+        c, lay = self.cfg, self.layout
+        mask = self.tokenizers()[0].token_to_id("<mask>")
+        if mask is None:
+            raise ConfigError("--task.objective denoise needs a <mask> token, which this tokenizer lacks: train "
+                              "the BPE for the run (no --task.pretrained) or pretrain from a BART checkpoint")
+        seed = self.run_cfg.seed if split == "train" else 0
+        rng = np.random.default_rng([seed, zlib.crc32(self.split_name(split).encode())])
+        docs = [x[:c.max_target_positions - lay.tgt_extra] for x in s_ids]
+        noised = [text_infilling(d, mask, c.mask_ratio, c.poisson_lambda, rng) for d in docs]
+        return noised, docs, s_text, s_text
+
     # -- tokenizers ------------------------------------------------------------------------------------------
     def _pretrained_path(self) -> str:
         if self.cfg.model == "minilm2minilm":
@@ -183,7 +253,8 @@ class Summarization(Seq2SeqTask):
     def tokenizer_recipe(self):
         if self._pretrained_path():
             return None
-        return {"vocab_size": self.cfg.vocab_size, "kind": "byte_level", "columns": list(self.columns())}
+        return {"vocab_size": self.cfg.vocab_size, "kind": "byte_level", "columns": list(self.columns()),
+                "specials": SPECIALS}
 
     def train_tokenizers(self, src_texts, tgt_texts):
         return {"tokenizer.json": _text.train_bpe(list(src_texts) + list(tgt_texts), self.cfg.vocab_size,
@@ -234,6 +305,8 @@ class Summarization(Seq2SeqTask):
             return model
         if c.pretrained:
             config = bart.pretrained_bart_config(c.pretrained, activation_dropout=opt(c.activation_dropout), **drop)
+            bart.check_pretrained(config, c.model, c.pretrained,
+                                  max(c.max_source_positions, c.max_target_positions))
             model = bart.build_bart(config, ds_config, c.pretrained)
             self._log(f"model {c.model} from {c.pretrained}: vocab {config.vocab_size}")
             self.setup_fused_loss(model, config.vocab_size)

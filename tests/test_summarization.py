@@ -18,7 +18,7 @@ from engine.task import TaskOutput
 from models import bart
 from tasks import _seq2seq
 from tasks import summarization as sm
-from tests.helpers import ROOT, env, free_port, load_weights
+from tests.helpers import ROOT, env, free_port, load_weights, train_in_process, world  # noqa: F401 (world: a fixture)
 
 DATA = ROOT.parent / "shared" / "data"
 SAMSUM = DATA / "samsum"
@@ -144,7 +144,7 @@ def test_bad_data_is_one_line(tmp_path):
     (d / "train.jsonl").unlink()
     src, tgt = _task(tmp_path, data_dir=str(d)).raw("train")  # empty sides dropped (and counted), no crash
     assert (src, tgt) == (["real text"], ["a summary"])
-    for bad, match in [(dict(model="t5"), "preset"), (dict(model="bart_small", pretrained="x"), "bart_base"),
+    for bad, match in [(dict(model="t5"), "preset"), (dict(model="minilm2minilm", pretrained="x"), "BART preset"),
                        (dict(long_train_examples="cut"), "drop or truncate"), (dict(beam=0), "beam")]:
         with pytest.raises(ConfigError, match=match):
             sm.Config(data_dir=str(d), **bad).validate()
@@ -278,3 +278,98 @@ def test_export_loads_with_auto_classes_and_decodes_like_the_tool(samsum_run):
         auto = tok.batch_decode(model.generate(**enc, max_length=14), skip_special_tokens=True)[0].strip()
         assert auto == _seq2seq.generate_lines(bundle, [doc], 2, 1.0, 0.0, 12, batch_size=1)[0]
     assert (full / "best_model" / "generation_config.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ denoising (BART)
+
+@pytest.mark.parametrize("seed", range(12))
+def test_text_infilling_masks_exactly_the_budget_in_spans(seed):
+    """Each masked span becomes one <mask>, spans of length 0 insert one, the kept tokens stay in order, and exactly
+    round(ratio * n) tokens are masked."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    ids = list(range(100, 100 + n))                      # distinct ids: where each kept token came from is known
+    out = sm.text_infilling(ids, 4, 0.3, 3.0, rng)
+    kept = [i for i in out if i != 4]
+    assert kept == sorted(kept) and set(kept) <= set(ids)
+    assert n - len(kept) == round(0.3 * n)
+    prev, masks = 99, 0                                  # every gap in the kept tokens sits behind >= 1 mask
+    for tok in out + [100 + n]:
+        if tok == 4:
+            masks += 1
+            continue
+        assert tok == prev + 1 or masks > 0, (prev, tok, out)
+        prev, masks = tok, 0
+    if round(0.3 * n):
+        assert 4 in out
+    short = ids[:40]                                     # a budget that rounds to 0 masks nothing
+    assert sm.text_infilling(short, 4, 0.01, 3.0, rng) == short
+
+
+@needs_data
+def test_denoise_pairs_are_noised_documents(tmp_path):
+    kw = dict(data_dir=str(SAMSUM), source_column="dialogue", target_column="summary", objective="denoise",
+              max_train_examples=40, vocab_size=400, max_target_positions=64, cache_dir=str(tmp_path / "bpe"))
+    tasks = []
+    for seed in (1, 2):
+        t = _task(tmp_path, **kw)
+        t.run_cfg.seed = seed
+        t.cfg.validate()
+        t.prepare()
+        tasks.append(t)
+    a, b = tasks
+    assert a.metric == "nll" and a.metric_mode == "min" and not a.cfg.eval_generate
+    assert sm.Summarization.metric == "rougeL"          # the class's own (the average tool's --best)
+    mask = a.tokenizers()[0].token_to_id("<mask>")
+    assert mask == 4 and a.special_tokens()["mask_token"] == "<mask>"
+    train = a.build_dataset("train")
+    docs = [x[:62] for x in _text_ids(a, a.raw("train")[0])]
+    assert train.tgt_ids == docs and train.tgt_text == a.raw("train")[0]     # targets: the documents themselves
+    for src, doc in zip(train.src_ids, docs):
+        assert mask in src and [i for i in src if i != mask] != doc
+        assert len(doc) - len([i for i in src if i != mask]) == round(0.3 * len(doc))
+    # training noise follows the run's seed; validation noise does not (its loss compares across runs)
+    assert b.build_dataset("train").src_ids != train.src_ids
+    assert b.build_dataset("valid").src_ids == a.build_dataset("valid").src_ids
+    summ = _task(tmp_path, **{**kw, "objective": "summarize"})
+    assert summ.metric == "rougeL" and summ.build_dataset("train").tgt_ids != train.tgt_ids
+
+
+def _text_ids(task, texts):
+    from tasks import _text
+    return _text.encode(task.tokenizers()[0], texts)
+
+
+@needs_data
+def test_denoise_pretraining_then_summarization_from_its_export(world, tmp_path):  # noqa: F811 (fixture)
+    """Stage 1 pretrains a tiny BART by text infilling and exports it; stage 2 fine-tunes it for summaries with
+    --task.pretrained: the weights it starts from are the export's, and it uses the export's tokenizer."""
+    common = ["--task", "summarization", "--ds_config", "ds_configs/zero2.json", "--task.data_dir", str(SAMSUM),
+              "--task.source_column", "dialogue", "--task.max_train_examples", "200", "--train.max_tokens", "1024",
+              "--optim.impl", "torch", "--optim.warmup_steps", "1", "--train.max_steps", "3", "--log.every_steps", "1",
+              "--log.progress", "false", "--log.tensorboard", "false", "--dist.omp_threads", "1",
+              "--task.max_source_positions", "128", "--task.max_target_positions", "64", "--eval.batch_size", "8",
+              "--task.final_gen_examples", "4", "--task.max_len_b", "8", "--task.beam", "1"]
+    pre = tmp_path / "pre"
+    final = train_in_process(world, common + ["--output_dir", str(pre), "--task.objective", "denoise",
+                                              "--task.model", "bart_tiny", "--task.vocab_size", "500",
+                                              "--rdrop.mode", "none"], export=True)
+    assert final["split"] == "valid" and math.isfinite(final["nll"]) and "rougeL" not in final
+    exported = load_weights(pre)
+    tok = json.loads((pre / "hf_model" / "tokenizer_config.json").read_text())
+    assert tok["mask_token"] == "<mask>"
+
+    def starts_from_export(trainer):
+        sd = trainer.engine.module.state_dict()
+        for k, v in exported.items():
+            assert torch.equal(sd[k], v), k
+
+    out = tmp_path / "ft"
+    final = train_in_process(world, common + ["--output_dir", str(out), "--task.model", "bart_tiny",
+                                              "--task.pretrained", str(pre / "hf_model"), "--rdrop.alpha", "0.7"],
+                             check=starts_from_export)
+    assert "rougeL" in final and final["gen_examples"] == 4
+    with pytest.raises(ConfigError, match="not a bart_mini"):
+        train_in_process(world, common + ["--output_dir", str(tmp_path / "bad"), "--task.model", "bart_mini",
+                                          "--task.pretrained", str(pre / "hf_model")])
