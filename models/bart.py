@@ -38,8 +38,12 @@ DEFAULT_DROPOUT = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.
 
 
 def bart_config(preset: str, vocab_size: int, *, pad: int = 1, bos: int = 0, eos: int = 2,
-                max_positions: int = 1024, dropout=None, attention_dropout=None, activation_dropout=None):
+                max_positions: int = 1024, dropout=None, attention_dropout=None, activation_dropout=None,
+                copy: bool = False):
+    """BartConfig of a preset (a BartCopyConfig with ``copy``: the pointer-generator of models/bart_copy.py)."""
     from transformers import BartConfig
+    if copy:
+        from models.bart_copy import BartCopyConfig as BartConfig  # noqa: N814
     arch = dict(PRESETS[preset])
     for k, v in (("dropout", dropout), ("attention_dropout", attention_dropout),
                  ("activation_dropout", activation_dropout)):
@@ -69,7 +73,15 @@ def bart_class():
 
 
 def build_bart(config, ds_config: dict, pretrained: str = ""):
+    if getattr(config, "model_type", "") == "bart_copy":
+        from models.bart_copy import BartCopyForConditionalGeneration
+        return hf.build(BartCopyForConditionalGeneration, config, ds_config, pretrained)
     return hf.build(bart_class(), config, ds_config, pretrained)
+
+
+def copy_num_params(d: int) -> int:
+    """Parameters the copy mechanism adds: query and key projections (d x d + d each) and the gate (2d + 1)."""
+    return 2 * (d * d + d) + 2 * d + 1
 
 
 def pretrained_bart_config(path: str, dropout=None, attention_dropout=None, activation_dropout=None):
@@ -97,10 +109,27 @@ def check_pretrained(config, preset: str, path: str, positions: int) -> None:
                           f"--task.max_source_positions / --task.max_target_positions <= that")
 
 
+def init_cross_attention_from_self(model) -> int:
+    """Copy each decoder layer's pretrained self-attention (query, key, value, output projection and its layer norm)
+    into the layer's new cross-attention; returns the number of layers copied.  The cross-attention then starts as
+    the attention the pretrained network already computes, now over the encoder's states, which live in the same
+    representation space (the encoder is the same pretrained network), instead of from random weights."""
+    n = 0
+    for layer in model.decoder.bert.encoder.layer:
+        src, dst = layer.attention, layer.crossattention
+        for name in ("query", "key", "value"):
+            getattr(dst.self, name).load_state_dict(getattr(src.self, name).state_dict())
+        dst.output.load_state_dict(src.output.state_dict())
+        n += 1
+    return n
+
+
 def build_minilm2minilm(ds_config: dict, path: str, *, pad: int, cls: int, sep: int, dropout: float | None = None,
-                        attention_dropout: float | None = None):
+                        attention_dropout: float | None = None, cross_attention_init: str = "self"):
     """EncoderDecoderModel(MiniLM encoder, MiniLM decoder with cross-attention); tokens: [CLS] x [SEP] ->
-    [CLS] y [SEP] (decoder start [CLS], end [SEP])."""
+    [CLS] y [SEP] (decoder start [CLS], end [SEP]).  ``cross_attention_init``: "self" (copy each layer's
+    pretrained self-attention, :func:`init_cross_attention_from_self`) or "random" (HF's initialisation, as in
+    Rothe et al. 2020)."""
     from transformers import AutoConfig, EncoderDecoderConfig, EncoderDecoderModel
     enc = AutoConfig.from_pretrained(path)
     dec = AutoConfig.from_pretrained(path, is_decoder=True, add_cross_attention=True)
@@ -121,6 +150,13 @@ def build_minilm2minilm(ds_config: dict, path: str, *, pad: int, cls: int, sep: 
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, encoder_config=enc, decoder_config=dec)
     model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = cls, pad, sep
     model.config.bos_token_id = cls
+    if cross_attention_init == "self":
+        if dschf is None:
+            init_cross_attention_from_self(model)
+        else:                           # ZeRO-3: the weights are partitioned; gather, copy on rank 0, re-partition
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(model.decoder.parameters()), modifier_rank=0):
+                init_cross_attention_from_self(model)
     if dschf is not None:
         model._hf_deepspeed_config = dschf
     return model

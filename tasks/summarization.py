@@ -69,6 +69,8 @@ class Config(Seq2SeqConfig):
     max_len_b: int = 100
     min_len: int = 1
     no_repeat_ngram_size: int = 3
+    copy: bool = False                  # BART presets: a pointer-generator copy mechanism (models/bart_copy.py)
+    cross_attention_init: str = "self"  # minilm2minilm: self (copy each layer's self-attention) | random
     objective: str = "summarize"        # summarize | denoise: BART's text infilling on the documents (pretraining)
     mask_ratio: float = 0.3             # denoise: the fraction of each document's tokens masked, in spans
     poisson_lambda: float = 3.0         # denoise: span lengths ~ Poisson(lambda); each span becomes one <mask>
@@ -81,6 +83,11 @@ class Config(Seq2SeqConfig):
         if self.pretrained and self.model not in PRESETS:
             raise ConfigError(f"--task.pretrained loads a BART checkpoint: pass a BART preset (bart_base, "
                               f"bart_large, ...) with it, not {self.model}")
+        if self.copy and (self.model in ENCODER_DECODER or self.pretrained):
+            raise ConfigError("--task.copy true adds a copy mechanism to a BART preset trained here: drop "
+                              "--task.pretrained and use a bart_* model")
+        if self.cross_attention_init not in ("self", "random"):
+            raise ConfigError(f"--task.cross_attention_init must be self or random, got {self.cross_attention_init!r}")
         if self.objective not in ("summarize", "denoise"):
             raise ConfigError(f"--task.objective must be summarize or denoise, got {self.objective!r}")
         if self.objective == "denoise":
@@ -139,6 +146,16 @@ def text_infilling(ids: list[int], mask: int, ratio: float, lam: float, rng) -> 
         out += ids[pos:pos + run] + [mask]
         pos += run + length
     return out + ids[pos:]
+
+
+def _remote_code(model_dir: str) -> dict:
+    """{"trust_remote_code": True} for an export whose model code travels with it (the copy model), else {}."""
+    import json
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return {"trust_remote_code": True} if "auto_map" in json.load(f) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def find_split_file(data_dir: str, split: str) -> str:
@@ -299,7 +316,7 @@ class Summarization(Seq2SeqTask):
         if c.model == "minilm2minilm":
             lay = self.layout
             model = bart.build_minilm2minilm(ds_config, self._pretrained_path(), pad=lay.pad, cls=lay.bos,
-                                             sep=lay.eos, **drop)
+                                             sep=lay.eos, cross_attention_init=c.cross_attention_init, **drop)
             self._log(f"model minilm2minilm: vocab {vocab}, warm-started from all-MiniLM-L6-v2")
             self.setup_fused_loss(model, vocab)
             return model
@@ -314,14 +331,18 @@ class Summarization(Seq2SeqTask):
         if max(c.max_source_positions, c.max_target_positions) > 1024 and c.model in ("bart_base", "bart_large"):
             raise ConfigError("BART has 1024 learned positions: keep --task.max_*_positions <= 1024")
         config = bart.bart_config(c.model, vocab, max_positions=max(c.max_source_positions, c.max_target_positions),
-                                  activation_dropout=opt(c.activation_dropout), **drop)
+                                  activation_dropout=opt(c.activation_dropout), copy=c.copy, **drop)
         n = bart.fairseq_num_params(c.model, vocab, config.max_position_embeddings)
-        self._log(f"model {c.model}: vocab {vocab}, {n:,} parameters (fairseq count)")
+        extra = bart.copy_num_params(config.d_model) if c.copy else 0
+        self._log(f"model {c.model}: vocab {vocab}, {n:,} parameters (fairseq count)"
+                  + (f" + {extra:,} of the copy mechanism" if extra else ""))
         model = bart.build_bart(config, ds_config)
         self.setup_fused_loss(model, vocab)
         return model
 
     def fused_head(self, model):
+        if self.cfg.copy:               # the output distribution mixes in the copy attention: no hidden-states path
+            return None
         if self.cfg.model == "minilm2minilm":
             # HF's EncoderDecoderModel has no features-only forward, and its BERT decoder's LM head applies a
             # prediction transform (dense + GELU + LayerNorm) before the projection: stays unfused (MiniLM's
@@ -331,8 +352,9 @@ class Summarization(Seq2SeqTask):
 
     @classmethod
     def load_exported(cls, model_dir):
+        """The Auto class on the folder; a copy model's code comes with its export (trust_remote_code only then)."""
         from transformers import AutoModelForSeq2SeqLM
-        return AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+        return AutoModelForSeq2SeqLM.from_pretrained(model_dir, **_remote_code(model_dir))
 
     @staticmethod
     def may_be_missing(key: str) -> bool:

@@ -373,3 +373,98 @@ def test_denoise_pretraining_then_summarization_from_its_export(world, tmp_path)
     with pytest.raises(ConfigError, match="not a bart_mini"):
         train_in_process(world, common + ["--output_dir", str(tmp_path / "bad"), "--task.model", "bart_mini",
                                           "--task.pretrained", str(pre / "hf_model")])
+
+
+# ------------------------------------------------------------------------------------------------ copy mechanism
+
+def _copy_model(vocab=300, seed=0):
+    torch.manual_seed(seed)
+    return bart.build_bart(bart.bart_config("bart_tiny", vocab, max_positions=64, copy=True),
+                           {"zero_optimization": {"stage": 0}}).eval()
+
+
+def test_copy_mixture_by_hand():
+    """log p = log(g * softmax(lm_head h + bias) + (1 - g) * scatter(attention over real source positions))."""
+    m = _copy_model()
+    x = torch.tensor([[0, 17, 42, 17, 2, 1, 1]])                     # 17 twice, two pads
+    with torch.no_grad():
+        out = m(input_ids=x, attention_mask=x.ne(1), decoder_input_ids=torch.tensor([[2, 0, 17]]))
+        enc = m.model.encoder(input_ids=x, attention_mask=x.ne(1)).last_hidden_state
+        h = m.model(input_ids=x, attention_mask=x.ne(1), decoder_input_ids=torch.tensor([[2, 0, 17]])).last_hidden_state
+    p = out.logits.exp()
+    assert torch.allclose(p.sum(-1), torch.ones(1, 3), atol=1e-5)
+    t = 1
+    q, k = m.copy_query(h[0, t]), m.copy_key(enc[0, :5])                # the pads take no attention
+    a = torch.softmax(q @ k.T / math.sqrt(q.shape[0]), -1)
+    g = torch.sigmoid(m.copy_gate(torch.cat([h[0, t], a @ enc[0, :5]])))
+    vocab = torch.softmax(m.lm_head(h[0, t]) + m.final_logits_bias[0], -1)
+    expect = g * vocab
+    for s, tok in enumerate(x[0, :5].tolist()):
+        expect[tok] += (1 - g[0]) * a[s]
+    assert torch.allclose(p[0, t], expect, atol=1e-6)
+    with torch.no_grad():                                          # gate closed: all mass on the source's tokens
+        m.copy_gate.bias.fill_(-1e4)
+        p = m(input_ids=x, attention_mask=x.ne(1), decoder_input_ids=torch.tensor([[2, 0]])).logits.exp()
+    assert torch.allclose(p[..., [0, 2, 17, 42]].sum(-1), torch.ones(1, 2), atol=1e-5) and p[..., 1].max() < 1e-6
+
+
+def test_copy_model_generates_with_its_cache_and_loads_outside_the_repo(tmp_path):
+    m = _copy_model()
+    x = torch.randint(5, 300, (3, 12))
+    x[2, 8:] = 1
+    kw = dict(num_beams=1, do_sample=False, max_length=8, min_length=8, decoder_start_token_id=2, eos_token_id=2,
+              pad_token_id=1, bos_token_id=0)
+    with torch.no_grad():
+        fast = m.generate(input_ids=x, attention_mask=x.ne(1), **kw)
+        dec = torch.full((3, 1), 2)
+        for _ in range(7):                                         # the same greedy search, recomputing everything
+            lp = m(input_ids=x, attention_mask=x.ne(1), decoder_input_ids=dec, use_cache=False).logits[:, -1]
+            lp[:, 2] = -1e9                                        # min_length
+            dec = torch.cat([dec, lp.argmax(-1, keepdim=True)], 1)
+        beams = m.generate(input_ids=x, attention_mask=x.ne(1), **{**kw, "num_beams": 3})
+    assert fast.tolist() == dec.tolist()
+    m.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "bart_copy.py").is_file()
+    code = (f"import torch\nfrom transformers import AutoModelForSeq2SeqLM\n"
+            f"m = AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / 'm')!r}, trust_remote_code=True).eval()\n"
+            f"x = torch.tensor({x.tolist()})\n"
+            f"print(m.generate(input_ids=x, attention_mask=x.ne(1), **{ {**kw, 'num_beams': 3} !r}).tolist())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == beams.tolist()
+
+
+@needs_data
+def test_copy_model_trains_with_rdrop_and_its_export_summarizes(world, tmp_path):  # noqa: F811 (fixture)
+    out = tmp_path / "copy"
+    args = ["--task", "summarization", "--ds_config", "ds_configs/zero2.json", "--task.data_dir", str(SAMSUM),
+            "--task.source_column", "dialogue", "--task.max_train_examples", "200", "--train.max_tokens", "1024",
+            "--optim.impl", "torch", "--optim.warmup_steps", "1", "--train.max_steps", "3", "--log.every_steps", "1",
+            "--log.progress", "false", "--log.tensorboard", "false", "--dist.omp_threads", "1",
+            "--task.max_source_positions", "128", "--task.max_target_positions", "32", "--eval.batch_size", "8",
+            "--task.final_gen_examples", "6", "--task.max_len_b", "8", "--task.beam", "2", "--task.model",
+            "bart_tiny", "--task.vocab_size", "500", "--task.copy", "true", "--rdrop.alpha", "0.7",
+            "--output_dir", str(out)]
+    final = train_in_process(world, args, export=True)
+    train = [json.loads(line) for line in open(out / "metrics.jsonl") if '"train"' in line]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["consistency"] > 0 for r in train)
+    assert math.isfinite(final["rougeL"]) and final["gen_examples"] == 6
+    cfg = json.loads((out / "hf_model" / "config.json").read_text())
+    assert cfg["model_type"] == "bart_copy" and "auto_map" in cfg
+    assert (out / "hf_model" / "bart_copy.py").is_file()
+    with open(out / "predictions" / "validation.hyp", encoding="utf-8", newline="") as f:
+        hyps = f.read().split("\n")[:-1]                                  # one per line (a hypothesis may hold \r)
+    table = _text_table(SAMSUM / "samsum-validation.csv.gz")
+    docs = [table[i] for i in _seq2seq.eval_subset(len(table), 6)]        # the final evaluation's seeded subset
+    bundle = _seq2seq.load_bundle(sm.Summarization, str(out / "hf_model"))
+    assert type(bundle.model).__name__ == "BartCopyForConditionalGeneration"
+    tool = [h.replace("\n", " ") for h in _seq2seq.generate_lines(bundle, docs, 2, 1.0, 0.0, 8)]
+    assert tool == hyps                                                     # the export decodes like the engine
+    with pytest.raises(ConfigError, match="copy"):
+        sm.Config(data_dir=str(SAMSUM), model="minilm2minilm", copy=True).validate()
+
+
+def _text_table(path):
+    from tasks import _text
+    return _text.read_table(str(path), ["dialogue"])["dialogue"]
