@@ -461,6 +461,14 @@ def test_copy_model_trains_with_rdrop_and_its_export_summarizes(world, tmp_path)
     assert type(bundle.model).__name__ == "BartCopyForConditionalGeneration"
     tool = [h.replace("\n", " ") for h in _seq2seq.generate_lines(bundle, docs, 2, 1.0, 0.0, 8)]
     assert tool == hyps                                                     # the export decodes like the engine
+    # the card's code, as written, in a fresh Python outside this repository
+    usage = json.loads((out / "hf_model" / "export.json").read_text())["usage"].replace("{path}",
+                                                                                      str(out / "hf_model"))
+    code = usage.split("```python", 1)[1].split("```", 1)[0]
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "trust_remote_code=True" in code, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("[") and "Do you wish" not in r.stdout + r.stderr
     with pytest.raises(ConfigError, match="copy"):
         sm.Config(data_dir=str(SAMSUM), model="minilm2minilm", copy=True).validate()
 

@@ -17,7 +17,7 @@ def main():
     path, data = sys.argv[1], sys.argv[2]
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 200
     torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True).eval()   # a copy model brings its code
     with gzip.open(f"{data}/samsum-validation.csv.gz", "rt", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["dialogue"].strip() and r["summary"].strip()][:n]
