@@ -25,6 +25,8 @@ import json
 import os
 import sys
 
+from engine.records import json_lines
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 INDEX_COLUMNS = ("index", "idx", "id")
 
@@ -124,15 +126,7 @@ def read_texts(path: str, inputs: dict) -> list[tuple[str, dict]]:
                 add(len(rows), dict(zip(header, row)), cols, f"{path} line {reader.line_num}")
         elif ext in (".jsonl", ".json"):
             cols = None
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise PredictError(f"{path} line {line}: not valid JSON ({e.msg}): fix the row") from None
-                if not isinstance(rec, dict):
-                    raise PredictError(f"{path} line {line}: expected a JSON object with the text fields")
+            for line, rec in json_lines(f, path, PredictError):
                 if cols is None:
                     cols = _pick_columns(sorted(rec), fields or _default_fields(sorted(rec)), aliases,
                                          f"{path} line {line}")

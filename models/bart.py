@@ -41,14 +41,15 @@ def bart_config(preset: str, vocab_size: int, *, pad: int = 1, bos: int = 0, eos
                 max_positions: int = 1024, dropout=None, attention_dropout=None, activation_dropout=None,
                 copy: bool = False):
     """BartConfig of a preset (a BartCopyConfig with ``copy``: the pointer-generator of models/bart_copy.py)."""
-    from transformers import BartConfig
     if copy:
-        from models.bart_copy import BartCopyConfig as BartConfig  # noqa: N814
+        from models.bart_copy import BartCopyConfig as config_cls
+    else:
+        from transformers import BartConfig as config_cls
     arch = dict(PRESETS[preset])
     for k, v in (("dropout", dropout), ("attention_dropout", attention_dropout),
                  ("activation_dropout", activation_dropout)):
         arch[k] = DEFAULT_DROPOUT[k] if v is None else v
-    return BartConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, activation_function="gelu",
+    return config_cls(vocab_size=vocab_size, max_position_embeddings=max_positions, activation_function="gelu",
                       scale_embedding=False, tie_word_embeddings=True, pad_token_id=pad, bos_token_id=bos,
                       eos_token_id=eos, decoder_start_token_id=eos, forced_eos_token_id=None,
                       forced_bos_token_id=None, **arch)

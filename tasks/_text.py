@@ -16,6 +16,7 @@ import json
 import os
 
 from engine.config import ConfigError
+from engine.records import json_lines
 
 BPE_VERSION = 1          # bump when a tokenizer recipe changes (part of every cache key)
 
@@ -73,14 +74,7 @@ def read_table(path: str, columns: list[str]) -> dict[str, list[str]]:
     try:
         with open_text(path) as f:
             if fmt == "jsonl":
-                for line, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        rec = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{path} line {line} is not valid JSON ({e.msg}): fix or remove the "
-                                          "line") from None
+                for line, rec in json_lines(f, path, ConfigError):
                     _take(rec, columns, out, path, line)
             else:
                 reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
@@ -101,8 +95,6 @@ def read_table(path: str, columns: list[str]) -> dict[str, list[str]]:
 
 
 def _take(rec: dict, columns: list[str], out: dict, path: str, line: int) -> None:
-    if not isinstance(rec, dict):
-        raise ConfigError(f"{path} line {line} is not a JSON object: write one object per line")
     for c in columns:
         if c not in rec:
             raise ConfigError(f"{path} line {line} has no field {c!r} (fields: {', '.join(rec)}): pass the right "

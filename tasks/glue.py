@@ -38,7 +38,6 @@ alpha = 0.5 * B, e.g. 4 for RTE (B = 8), 8 for MRPC (B = 16); pass --rdrop.alpha
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ConfigError
+from engine.records import json_lines
 from engine.task import Task, TaskConfig, TaskOutput
 
 
@@ -281,17 +281,7 @@ def read_records(spec: Spec, path: str, labeled: bool) -> GlueSplit:
                 for rec in reader:
                     yield reader.line_num, rec
             else:
-                for line, text in enumerate(f, 1):
-                    if not text.strip():
-                        continue
-                    try:
-                        rec = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{path} line {line}: not valid JSON ({e.msg}): fix the row") from None
-                    if not isinstance(rec, dict):
-                        raise ConfigError(f"{path} line {line}: expected a JSON object with fields "
-                                          f"{list(spec.fields)}: fix the row")
-                    yield line, rec
+                yield from json_lines(f, path, ConfigError)
 
     rows = []
     for line, rec in records():

@@ -169,3 +169,13 @@ def test_help_lists_sections_and_task_flags():
     assert out.returncode == 0
     for flag in ("--rdrop.mode", "--train.max_steps", "--optim.schedule", "--task.model", "--resume"):
         assert flag in out.stdout
+
+
+def test_json_lines_reader_names_file_and_line():
+    from engine.records import json_lines
+    good = ['{"a": 1}\n', "\n", '  \n', '{"a": 2}\n']
+    assert list(json_lines(good, "f.jsonl")) == [(1, {"a": 1}), (4, {"a": 2})]
+    with pytest.raises(ConfigError, match=r"^f\.jsonl line 2: not valid JSON \(.*\): fix or remove the line$"):
+        list(json_lines(['{"a": 1}\n', '{"a": \n'], "f.jsonl", ConfigError))
+    with pytest.raises(ValueError, match=r"^f\.jsonl line 1: not a JSON object: write one object per line$"):
+        list(json_lines(["[1, 2]\n"], "f.jsonl"))

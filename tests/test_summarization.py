@@ -128,7 +128,7 @@ def test_bad_data_is_one_line(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
     (d / "train.jsonl").write_text(json.dumps({"document": "a b c", "summary": "a"}) + "\n{not json\n")
-    with pytest.raises(ConfigError, match=r"train.jsonl line 2 is not valid JSON") as e:
+    with pytest.raises(ConfigError, match=r"train.jsonl line 2: not valid JSON") as e:
         _task(tmp_path, data_dir=str(d)).raw("train")
     assert "\n" not in str(e.value)
     (d / "train.jsonl").write_text(json.dumps({"text": "a b c", "summary": "a"}) + "\n")
