@@ -216,9 +216,9 @@ class Summarization(Seq2SeqTask):
                   "task.target_column": "summary", "task.vocab_size": 8000, "task.max_source_positions": 512,
                   "task.max_target_positions": 128, "task.beam": 4, "task.lenpen": 1.0, "task.min_len": 5,
                   "task.max_len_a": 0.0, "task.max_len_b": 60, "task.no_repeat_ngram_size": 3,
-                  "task.eval_gen_examples": 200, "optim.lr": 7e-4, "optim.warmup_steps": 100,
-                  "optim.schedule": "polynomial", "train.max_tokens": 4096, "train.max_steps": 800,
-                  "rdrop.alpha": 0.7, "eval.every_steps": 200, "checkpoint.every_steps": 200,
+                  "task.eval_gen_examples": 200, "optim.lr": 7e-4, "optim.warmup_steps": 60,
+                  "optim.schedule": "polynomial", "train.max_tokens": 4096, "train.max_steps": 300,
+                  "rdrop.alpha": 0.7, "eval.every_steps": 100, "checkpoint.every_steps": 100,
                   "checkpoint.keep_last": 2}
         return {"cnndm_bart_large": cnndm, "xsum_bart_large": xsum, "samsum_small": samsum}
 
