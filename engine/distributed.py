@@ -12,6 +12,7 @@ import gc
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,3 +204,17 @@ def _forget_deepspeed_groups() -> None:
                  "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
         if isinstance(getattr(groups, name, None), dict):
             getattr(groups, name).clear()
+
+
+def pin_build_tools() -> str | None:
+    """Put this interpreter's ``bin`` first on PATH when it holds ``ninja`` (the pip ``ninja`` package), so every
+    process builds DeepSpeed's JIT ops with the same ninja.  Processes started without the venv on PATH (ssh / pdsh
+    ranks, a plain ``.venv/bin/python -m engine.train``) otherwise find the system ninja, whose build log records a
+    different command hash, so the shared op cache (~/.cache/torch_extensions) is recompiled from scratch (1-4
+    minutes per op here) every time the two kinds of process alternate.  Returns the ninja now first on PATH."""
+    import shutil
+    here = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(here, "ninja")):
+        parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and os.path.abspath(p) != here]
+        os.environ["PATH"] = os.pathsep.join([here, *parts])
+    return shutil.which("ninja")

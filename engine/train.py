@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine import distributed as dist_utils
     from engine.trainer import Trainer
     dist_utils.set_threads(cfg.dist.omp_threads)
+    dist_utils.pin_build_tools()                        # one ninja for every process: no op-cache rebuilds
     world, trainer, code = None, None, 1
     try:
         world = dist_utils.init(cfg.dist.timeout_s)

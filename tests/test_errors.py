@@ -179,3 +179,17 @@ def test_json_lines_reader_names_file_and_line():
         list(json_lines(['{"a": 1}\n', '{"a": \n'], "f.jsonl", ConfigError))
     with pytest.raises(ValueError, match=r"^f\.jsonl line 1: not a JSON object: write one object per line$"):
         list(json_lines(["[1, 2]\n"], "f.jsonl"))
+
+
+def test_build_tools_come_from_this_interpreter(monkeypatch):
+    """A process started without the venv on PATH must still build DeepSpeed's ops with the venv's ninja (the
+    system one records other command hashes in the shared op cache, so the two would rebuild it in turn)."""
+    import os
+    import sys
+    from engine.distributed import pin_build_tools
+    here = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(here, "ninja")):
+        pytest.skip("this interpreter has no ninja beside it (deepspeed's ninja dependency puts one in the venv)")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", here]))
+    assert pin_build_tools() == os.path.join(here, "ninja")
+    assert os.environ["PATH"].split(os.pathsep) == [here, "/usr/bin", "/bin"]
