@@ -525,15 +525,21 @@ class Seq2SeqTask(Task):
         with open(os.path.join(out_dir, f"{self.name}.json"), "w") as f:
             json.dump({"task": self.name, **self.export_settings()}, f, indent=2)
 
+    def exports_code(self) -> bool:
+        """True when the exported model's code travels with it (config.json auto_map): loading it then needs
+        ``trust_remote_code=True``, which the card's code and the pipeline arguments pass."""
+        return False
+
     def export_info(self) -> dict:
         c = self.cfg
         source = f"files in {c.data_dir}" if c.data_dir else f"hub dataset {c.dataset}"
         joint = len(self.tokenizer_files()) == 1
+        remote = ", trust_remote_code=True" if self.exports_code() else ""
         usage = f"""```python
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-tok = AutoTokenizer.from_pretrained("{{path}}")
-model = AutoModelForSeq2SeqLM.from_pretrained("{{path}}")
+tok = AutoTokenizer.from_pretrained("{{path}}"{remote})
+model = AutoModelForSeq2SeqLM.from_pretrained("{{path}}"{remote})
 batch = tok(["{self.example_input}"], return_tensors="pt", padding=True, truncation=True)
 print(tok.batch_decode(model.generate(**batch), skip_special_tokens=True))
 ```
@@ -547,7 +553,10 @@ saved config holds one cap for all inputs.  Over a file: `python -m tasks.{self.
         if not joint:
             usage += "\nThis model has separate source and target vocabularies: decode outputs with " \
                      "`AutoTokenizer.from_pretrained(path, subfolder='target_tokenizer')`."
-        return {"pipeline_tag": self.pipeline_tag, "pipeline_kwargs": {"truncation": True},
+        if remote:
+            usage += "\nThe model's code is in this folder (config.json auto_map), hence `trust_remote_code=True`."
+        return {"pipeline_tag": self.pipeline_tag,
+                "pipeline_kwargs": {"truncation": True, **({"trust_remote_code": True} if remote else {})},
                 "inputs": {"kind": "text"}, "data": f"{source}" + (f", first {c.max_train_examples} training "
                                                                     f"examples" if c.max_train_examples else ""),
                 "usage": usage}

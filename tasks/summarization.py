@@ -343,15 +343,8 @@ class Summarization(Seq2SeqTask):
         self.setup_fused_loss(model, vocab)
         return model
 
-    def export_info(self) -> dict:
-        info = super().export_info()
-        if self.cfg.copy:               # the copy model's code (bart_copy.py) travels with the export
-            info["usage"] = info["usage"].replace('.from_pretrained("{path}")',
-                                                  '.from_pretrained("{path}", trust_remote_code=True)')
-            info["usage"] += ("\nThis is a pointer-generator BART (a copy mechanism over the source); its code, "
-                              "bart_copy.py, is in this folder, hence `trust_remote_code=True`.")
-            info["pipeline_kwargs"] = {**info["pipeline_kwargs"], "trust_remote_code": True}
-        return info
+    def exports_code(self) -> bool:
+        return self.cfg.copy            # the pointer-generator's code (bart_copy.py) travels with the export
 
     def fused_head(self, model):
         if self.cfg.copy:               # the output distribution mixes in the copy attention: no hidden-states path
