@@ -10,15 +10,14 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 
-def main():
-    path, data = sys.argv[1], sys.argv[2]
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 200
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True).eval()   # a copy model brings its code
+def source_use(path: str, data: str, n: int = 200) -> dict:
+    """{"own_dialogue": NLL, "another_dialogue": NLL, "examples": n} for the export at ``path``."""
+    from tasks.summarization import Summarization, _remote_code
+    tok = AutoTokenizer.from_pretrained(path, **_remote_code(path))
+    model = Summarization.load_exported(path).eval()       # trust_remote_code only for a model with its own code
     with gzip.open(f"{data}/samsum-validation.csv.gz", "rt", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["dialogue"].strip() and r["summary"].strip()][:n]
     src, tgt = [r["dialogue"] for r in rows], [r["summary"] for r in rows]
@@ -34,7 +33,12 @@ def main():
                 tokens += labels.shape[1]
         out[name] = round(nll / tokens, 4)
     out["examples"] = len(rows)
-    print(json.dumps(out))
+    return out
+
+
+def main():
+    torch.set_num_threads(1)
+    print(json.dumps(source_use(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 200)))
 
 
 if __name__ == "__main__":

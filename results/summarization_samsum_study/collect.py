@@ -5,21 +5,29 @@
 Per run: ROUGE-1/2/L/Lsum on the whole test split (819 dialogues) with the run's own decoding settings (the
 `summarize` tool's code path: tasks._seq2seq.generate_lines), and the mean NLL per summary token of 100 validation
 references given their own dialogue vs given another one (results/summarization_samsum/source_use.py: a model that
-ignores its input scores both the same).  Then mean +- std over seeds per arm and each arm minus the baseline, paired
-by seed.  Runs that have not finished (no export yet) are left out; each run's scores are kept in its directory
+ignores its input scores both the same).  Then per arm the mean and std over seeds and the difference to the
+spec's baseline with a 95% t-interval (engine.study's statistics, as in report.md: paired by seed when the seeds
+match).  Runs that have not finished (no export yet) are left out; each run's scores are kept in its directory
 (collect.json) so that calling this again while a study is running scores only the runs finished since.
 """
+import importlib.util
 import json
+import math
 import os
-import statistics
-import subprocess
 import sys
 
 import torch
 
+from engine import study as study_lib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 DATA = os.path.join(ROOT, "..", "shared", "data", "samsum")
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_spec = importlib.util.spec_from_file_location("source_use", os.path.join(ROOT, "results", "summarization_samsum",
+                                                                          "source_use.py"))
+source_use = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(source_use)
 
 
 def test_rouge(model_dir):
@@ -36,48 +44,45 @@ def test_rouge(model_dir):
     return out
 
 
-def source_use(model_dir):
-    script = os.path.join(ROOT, "results", "summarization_samsum", "source_use.py")
-    r = subprocess.run([sys.executable, script, model_dir, DATA, "100"], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONPATH": ROOT})
-    return json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
-
-
 def main():
     study = sys.argv[1]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    runs = {}
+    spec = study_lib.load_spec(os.path.join(study, "spec.json"))
+    runs = {}                                             # arm -> seed -> scores
     for arm in sorted(os.listdir(os.path.join(study, "runs"))):
         for seed in sorted(os.listdir(os.path.join(study, "runs", arm))):
-            model_dir = os.path.join(study, "runs", arm, seed, "hf_model")
-            if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+            run_dir = os.path.join(study, "runs", arm, seed)
+            weights = os.path.join(run_dir, "hf_model", "model.safetensors")
+            if not os.path.isfile(weights):
                 continue                                  # not finished: its export is written at the end
-            cache = os.path.join(study, "runs", arm, seed, "collect.json")
-            if os.path.isfile(cache) and os.path.getmtime(cache) > os.path.getmtime(
-                    os.path.join(model_dir, "model.safetensors")):
+            cache = os.path.join(run_dir, "collect.json")
+            if os.path.isfile(cache) and os.path.getmtime(cache) > os.path.getmtime(weights):
                 with open(cache) as f:
-                    runs[f"{arm}/{seed}"] = json.load(f)  # scored by an earlier call, export unchanged since
+                    scores = json.load(f)                 # scored by an earlier call, export unchanged since
             else:
-                runs[f"{arm}/{seed}"] = {"test": test_rouge(model_dir), "source_use_nll": source_use(model_dir)}
+                model_dir = os.path.dirname(weights)
+                scores = {"test": test_rouge(model_dir), "source_use_nll": source_use.source_use(model_dir, DATA, 100)}
                 with open(cache, "w") as f:
-                    json.dump(runs[f"{arm}/{seed}"], f)
-            print(f"[collect] {arm}/{seed}: {json.dumps(runs[f'{arm}/{seed}'])}", file=sys.stderr, flush=True)
+                    json.dump(scores, f)
+            runs.setdefault(arm, {})[int(seed.removeprefix("seed"))] = scores
+            print(f"[collect] {arm}/{seed}: {json.dumps(scores)}", file=sys.stderr, flush=True)
+    base = runs.get(spec.get("baseline", "none"), {})
     summary = {}
-    for arm in sorted({k.split("/")[0] for k in runs}):
-        mine = [v for k, v in runs.items() if k.startswith(arm + "/")]
-        summary[arm] = {k: f"{statistics.mean(r['test'][k] for r in mine):.2f} +- "
-                           f"{statistics.stdev(r['test'][k] for r in mine) if len(mine) > 1 else 0.0:.2f}"
-                        for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
-        summary[arm]["seeds"] = len(mine)
-    diffs = {}                                            # R-Drop minus baseline, paired by seed
-    for arm in summary:
-        if arm == "none":
-            continue
-        seeds = sorted(k.split("/")[1] for k in runs if k.startswith(arm + "/") and f"none/{k.split('/')[1]}" in runs)
-        diffs[arm] = {k: [round(runs[f"{arm}/{s}"]["test"][k] - runs[f"none/{s}"]["test"][k], 2) for s in seeds]
-                      for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
-        diffs[arm]["seeds"] = seeds
-    print(json.dumps({"runs": runs, "mean_std_over_seeds": summary, "minus_none_per_seed": diffs}, indent=2))
+    for arm, seeds in runs.items():
+        summary[arm] = {"seeds": sorted(seeds)}
+        for k in ROUGE:
+            m, sd = study_lib.mean_std([r["test"][k] for r in seeds.values()])
+            summary[arm][k] = {"mean": _num(m), "std": _num(sd)}
+            if seeds is not base and base:
+                d, lo, hi, how = study_lib.diff_ci({s: r["test"][k] for s, r in seeds.items()},
+                                                   {s: r["test"][k] for s, r in base.items()})
+                summary[arm][k]["minus_baseline"] = {"diff": _num(d), "ci95": [_num(lo), _num(hi)], "how": how}
+    print(json.dumps({"runs": {f"{a}/seed{s}": r for a, seeds in runs.items() for s, r in sorted(seeds.items())},
+                      "per_arm": summary}, indent=2))
+
+
+def _num(x: float):
+    return None if math.isnan(x) else round(x, 2)         # JSON has no NaN (one seed: no std, no interval)
 
 
 if __name__ == "__main__":
