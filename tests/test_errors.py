@@ -181,15 +181,21 @@ def test_json_lines_reader_names_file_and_line():
         list(json_lines(["[1, 2]\n"], "f.jsonl"))
 
 
-def test_build_tools_come_from_this_interpreter(monkeypatch):
+def test_build_tools_come_from_this_interpreter(monkeypatch, tmp_path):
     """A process started without the venv on PATH must still build DeepSpeed's ops with the venv's ninja (the
     system one records other command hashes in the shared op cache, so the two would rebuild it in turn)."""
     import os
     import sys
     from engine.distributed import pin_build_tools
-    here = os.path.dirname(sys.executable)
-    if not os.path.isfile(os.path.join(here, "ninja")):
-        pytest.skip("this interpreter has no ninja beside it (deepspeed's ninja dependency puts one in the venv)")
-    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", here]))
-    assert pin_build_tools() == os.path.join(here, "ninja")
-    assert os.environ["PATH"].split(os.pathsep) == [here, "/usr/bin", "/bin"]
+    venv_bin = tmp_path / "bin"
+    venv_bin.mkdir()
+    (venv_bin / "ninja").write_text("#!/bin/sh\n")
+    (venv_bin / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", str(venv_bin)]))
+    assert pin_build_tools() == str(venv_bin / "ninja")
+    assert os.environ["PATH"].split(os.pathsep) == [str(venv_bin), "/usr/bin", "/bin"]
+    (venv_bin / "ninja").unlink()                         # no ninja beside the interpreter: PATH is left alone
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    pin_build_tools()
+    assert os.environ["PATH"] == "/usr/bin:/bin"
