@@ -22,7 +22,9 @@ projection for the fused loss, or None when the model has no hidden-states path)
 
 Evaluation cost is bounded: intermediate evaluations generate for a fixed, seeded subset of
 ``--task.eval_gen_examples`` examples (default 256) and the final evaluation for ``--task.final_gen_examples``
-(default 0 = the whole split); each rank generates its share in batches sorted by source length (little padding,
+(default -1 = auto: the whole split, except that a smoke run, one that ends before ``SMOKE_STEPS`` optimizer steps,
+generates the intermediate subset and says so: its model cannot write yet, so beam search would run to the maximum
+length on every sentence of the split for a meaningless score; 0 = always the whole split); each rank generates its share in batches sorted by source length (little padding,
 similar output lengths), and the hypotheses come back in dataset order.
 """
 from __future__ import annotations
@@ -77,7 +79,8 @@ class Seq2SeqConfig(TaskConfig):
     no_repeat_ngram_size: int = 0
     eval_generate: bool = True          # beam search + the task's score at every evaluation
     eval_gen_examples: int = 256        # intermediate evaluations: a fixed seeded subset of N examples (0 = all)
-    final_gen_examples: int = 0         # the final evaluation: N examples (0 = the whole split)
+    final_gen_examples: int = -1        # the final evaluation: N examples (0 = the whole split; -1 = auto: the whole
+    #                                     split, or eval_gen_examples for a run of fewer than SMOKE_STEPS steps)
 
     def validate(self) -> None:
         if not self.data_dir and not self.dataset:
@@ -102,10 +105,12 @@ class Seq2SeqConfig(TaskConfig):
             raise ConfigError(f"--task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if str(self.fused_loss).lower() not in FUSED_SETTINGS:
             raise ConfigError(f"--task.fused_loss must be auto, true or false, got {self.fused_loss!r}")
-        for name in ("eval_gen_examples", "final_gen_examples", "max_train_examples", "min_len",
-                     "no_repeat_ngram_size", "max_len_b"):
+        for name in ("eval_gen_examples", "max_train_examples", "min_len", "no_repeat_ngram_size", "max_len_b"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--task.{name} must be >= 0, got {getattr(self, name)}")
+        if self.final_gen_examples < -1:
+            raise ConfigError(f"--task.final_gen_examples must be >= 0 (0 = the whole split) or -1 (auto), got "
+                              f"{self.final_gen_examples}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,17 @@ def generation_kwargs(c: Seq2SeqConfig, layout: Layout, src_len: int, beam: int 
                 decoder_start_token_id=layout.decoder_start, eos_token_id=layout.eos, pad_token_id=layout.pad,
                 bos_token_id=layout.bos, forced_bos_token_id=None, forced_eos_token_id=None,
                 num_return_sequences=1)
+
+
+SMOKE_STEPS = 100   # a run shorter than this is a smoke run: its final evaluation generates the bounded subset
+
+
+def final_gen_count(c: Seq2SeqConfig, step: int) -> int:
+    """How many examples the final evaluation generates for (0 = all): ``final_gen_examples`` when set (>= 0),
+    else the whole split, or for a smoke run (fewer than SMOKE_STEPS steps) the intermediate evaluations' subset."""
+    if c.final_gen_examples >= 0:
+        return c.final_gen_examples
+    return c.eval_gen_examples if step < SMOKE_STEPS else 0
 
 
 def eval_subset(n: int, k: int) -> list[int]:
@@ -437,7 +453,10 @@ class Seq2SeqTask(Task):
         nll = float(r["nll"].sum()) / tokens
         metrics = {"loss": float(r["loss"].sum()) / tokens, "nll": nll, "ppl": math.exp(min(nll, 50.0))}
         if self.cfg.eval_generate:
-            k = self.cfg.final_gen_examples if ctx.final else self.cfg.eval_gen_examples
+            k = final_gen_count(self.cfg, ctx.step) if ctx.final else self.cfg.eval_gen_examples
+            if ctx.final and self.cfg.final_gen_examples < 0 and 0 < k < len(ds):
+                self._log(f"final evaluation generates {k} of {len(ds)} {split} examples: a run of {ctx.step} steps "
+                          f"(< {SMOKE_STEPS}) is a smoke run; pass --task.final_gen_examples 0 for the whole split")
             metrics.update(self.generate_and_score(ctx, split, eval_subset(len(ds), k)))
         return metrics
 

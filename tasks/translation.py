@@ -25,7 +25,7 @@ Target vocabularies of >= 8192 symbols (the WMT recipe's 32k) use the fused chun
 
 Evaluation (valid split): loss / nll / ppl per target token from one ordinary pass, then beam search with HF
 ``generate`` (--task.beam, --task.lenpen, max length a * source length + b; a seeded subset of
---task.eval_gen_examples during training, the whole split at the end: tasks/_seq2seq.py) and
+--task.eval_gen_examples during training, the whole split at the end of all but a smoke run: tasks/_seq2seq.py) and
   bleu      sacreBLEU on detokenized text (--task.bleu_tokenize, default 13a: Multi30k is raw text),
   bleu_tok  tokenized BLEU, the number fairseq reports: hypothesis and reference tokenized with Moses'
             tokenizer.perl (sacremoses, the target language, default escaping), optionally compound-split

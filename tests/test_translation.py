@@ -246,6 +246,18 @@ def test_compound_splitting_rule():
     assert split > plain                                     # the shared "West" now matches
 
 
+def test_final_evaluation_size_whole_split_unless_a_smoke_run():
+    """-1 (the default): the whole split (0) at the end of a real run, the intermediate subset at the end of a run
+    shorter than SMOKE_STEPS; an explicit count (0 included) always wins."""
+    S = _seq2seq.SMOKE_STEPS
+    auto = _cfg(eval_gen_examples=256)
+    assert auto.final_gen_examples == -1
+    assert [_seq2seq.final_gen_count(auto, s) for s in (1, 4, S - 1, S, 20000)] == [256, 256, 256, 0, 0]
+    assert _seq2seq.final_gen_count(_cfg(final_gen_examples=0), 4) == 0
+    assert _seq2seq.final_gen_count(_cfg(final_gen_examples=24), 20000) == 24
+    assert _seq2seq.final_gen_count(_cfg(eval_gen_examples=0), 4) == 0   # an unbounded subset is the whole split
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 def test_data_errors_are_one_line(tmp_path):
@@ -257,7 +269,8 @@ def test_data_errors_are_one_line(tmp_path):
     assert "train.de" in msg and "train.en" in msg and "\n" not in msg
     with pytest.raises(ConfigError, match="missing .*val.de"):
         tr.read_parallel(str(tmp_path), "val", "de", "en")
-    for bad, match in [(dict(beam=0), "beam"), (dict(joint_vocab=False), "joint"), (dict(model="huge"), "preset")]:
+    for bad, match in [(dict(beam=0), "beam"), (dict(joint_vocab=False), "joint"), (dict(model="huge"), "preset"),
+                       (dict(final_gen_examples=-2), "final_gen_examples")]:
         with pytest.raises(ConfigError, match=match):
             _cfg(**bad).validate()
 
@@ -288,7 +301,7 @@ def two_rank_run(tmp_path_factory):
            "--task", "translation", "--output_dir", str(out), "--ds_config", "ds_configs/zero2.json",
            "--task.data_dir", str(DATA), "--task.source_lang", "de", "--task.target_lang", "en",
            "--task.model", "tiny", "--task.vocab_size", "600", "--task.max_train_examples", "1200",
-           "--train.max_tokens", "600", "--task.final_gen_examples", "24", "--task.beam", "2",
+           "--train.max_tokens", "600", "--task.eval_gen_examples", "24", "--task.beam", "2",
            "--optim.impl", "torch", "--optim.lr", "2e-3", "--optim.warmup_steps", "2", "--train.max_steps", "4",
            "--checkpoint.every_steps", "2", "--log.every_steps", "1", "--log.progress", "false",
            "--eval.batch_size", "8", "--rdrop.alpha", "5", "--dist.omp_threads", "1"]
@@ -309,6 +322,8 @@ def test_two_rank_rdrop_run(two_rank_run):
     assert cfg["world_size"] == 2 and cfg["rdrop"]["mode"] == "rdrop"
     assert (cfg["optim"]["name"], cfg["optim"]["beta2"], cfg["optim"]["eps"]) == ("adamw", 0.98, 1e-9)
     assert ev["gen_examples"] == 24 and ev["bleu"] >= 0 and math.isfinite(ev["nll"])
+    # a 4-step run is a smoke run: its final evaluation took the bounded subset (final_gen_examples -1) and said so
+    assert "generates 24 of 1014 valid examples: a run of 4 steps" in log and "--task.final_gen_examples 0" in log
     assert "padding ratio" in log and log.count("trained BPE") == 1         # once, by rank 0 (Task.prepare)
     hyp_file = out / "predictions" / "val.hyp"                                # written at the final evaluation
     assert hyp_file.is_file() and len(hyp_file.read_text().splitlines()) == 24
