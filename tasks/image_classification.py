@@ -2,7 +2,8 @@
 
 Data, by ``--task.dataset`` / ``--task.data_dir``:
   digits (default)      scikit-learn's bundled 8x8 handwritten digits (1,797 images, installs with scikit-learn),
-                        split 80/20 stratified with a fixed seed: train 1,437 / test 360
+                        split 80/20 stratified with a fixed seed: train 1,437 / test 360 (cached in
+                        ~/.cache/rdrop-deepspeed, so that ranks need not import scikit-learn)
   a HF datasets name    e.g. cifar100 (needs the hub, or the datasets cache)
   --task.data_dir DIR   local parquet in the hub's layout (DIR/train*.parquet, DIR/test*.parquet, columns
                         img|image + label|fine_label; ../shared/data/cifar10 is one) or an image folder
@@ -95,18 +96,45 @@ def _to_array(img) -> np.ndarray:
     return arr
 
 
-def load_digits_split(split: str) -> ImageSet:
+def digits_cache_path() -> str:
+    """Where the digits split is cached: $XDG_CACHE_HOME (or ~/.cache)/rdrop-deepspeed, keyed by the scikit-learn
+    version that made it (its version string is read without importing it)."""
+    from importlib.metadata import version
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "rdrop-deepspeed", f"digits-sklearn-{version('scikit-learn')}.npz")
+
+
+def _digits_arrays() -> dict[str, np.ndarray]:
+    """The 80/20 stratified split (seed 0) of scikit-learn's digits, 0..16 scaled to 0..255.  Made with scikit-learn
+    once and cached (115 KB): importing scikit-learn costs every rank of every run 2-6 s on a small CPU."""
+    path = digits_cache_path()
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
+    except (OSError, KeyError, ValueError):
+        pass                                    # absent or unreadable: make it again
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]   # 0..16 -> 0..255, 1 channel
     tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    arrays = {"train_x": tr_x, "train_y": tr_y, "test_x": te_x, "test_y": te_y}
+    try:                                        # atomic: ranks that make it at once each replace a whole file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass                                    # a read-only home: no cache, same arrays
+    return arrays
+
+
+def load_digits_split(split: str) -> ImageSet:
     names = [str(i) for i in range(10)]
-    if split == "train":
-        return ImageSet(tr_x, tr_y, names=names)
-    if split == "test":
-        return ImageSet(te_x, te_y, names=names)
-    raise ConfigError(f"digits has splits train and test, not {split!r}: set --task.test_split test")
+    if split not in ("train", "test"):
+        raise ConfigError(f"digits has splits train and test, not {split!r}: set --task.test_split test")
+    a = _digits_arrays()
+    return ImageSet(a[f"{split}_x"], a[f"{split}_y"], names=names)
 
 
 def _columns(names: list[str], where: str) -> tuple[str, str]:

@@ -1,6 +1,8 @@
 """The image-classification task in-process: data sources, batches, augmentation, pretrained weights."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,28 @@ def test_digits_split_sizes_and_labels():
     assert task.num_labels == 10
     img, label = train[0]
     assert img.shape == (8, 8, 1) and img.dtype == np.uint8 and 0 <= label < 10
+
+
+def test_digits_cache_is_the_sklearn_split_and_survives_a_bad_file(tmp_path, monkeypatch):
+    """The cached split is scikit-learn's stratified 80/20 split (seed 0) exactly; a corrupt cache is remade."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from tasks import image_classification as ic
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = ic.digits_cache_path()
+    assert path.startswith(str(tmp_path)) and not os.path.exists(path)
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    tr_x, te_x, tr_y, te_y = train_test_split(x, d.target, test_size=0.2, random_state=0, stratify=d.target)
+    for attempt in ("made", "read", "remade"):
+        train, test = ic.load_digits_split("train"), ic.load_digits_split("test")
+        assert np.array_equal(train.images, tr_x) and np.array_equal(train.labels, tr_y), attempt
+        assert np.array_equal(test.images, te_x) and np.array_equal(test.labels, te_y), attempt
+        assert os.path.isfile(path)
+        if attempt == "read":
+            open(path, "wb").write(b"not an npz")
+    with pytest.raises(ConfigError, match="--task.test_split test"):
+        ic.load_digits_split("validation")
 
 
 def test_collate_resizes_normalises_and_augments_deterministically():
