@@ -70,7 +70,7 @@ def stsb_run(tmp_path_factory):
 def digits_run(tmp_path_factory):
     return train(tmp_path_factory, "digits", [
         "--task", "image_classification", "--task.model", "tiny", "--ds_config", "ds_configs/zero0.json",
-        "--train.max_steps", "80", "--eval.every_steps", "40", "--optim.lr", "3e-3", "--eval.batch_size", "128"])
+        "--train.max_steps", "40", "--eval.every_steps", "20", "--optim.lr", "3e-3", "--eval.batch_size", "128"])
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_digits_export_reproduces_accuracy(digits_run, tmp_path):
     test = task.build_dataset("test")
     pil = [Image.fromarray(test[i][0][:, :, 0], "L") for i in range(len(test))]
     labels = [test[i][1] for i in range(len(test))]
-    for folder, step in ((digits_run / "hf_model", 80), (digits_run / "best_model", None)):
+    for folder, step in ((digits_run / "hf_model", 40), (digits_run / "best_model", None)):
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "export.json"} <= names
         cfg = json.loads((folder / "config.json").read_text())
@@ -307,8 +307,10 @@ def test_cifar10_export_reproduces_accuracy(cifar_run):
     assert len(test) == 200
     images = [Image.open(io.BytesIO(test.images[i]["bytes"])) for i in range(len(test))]      # the JPEGs as stored
     labels = [int(y) for y in test.labels]
+    assert len(metrics(cifar_run)) == 8                        # the parquet of ../shared/data/cifar10 trains
     folder = cifar_run / "hf_model"
     cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["num_channels"] == 3 and len(cfg["id2label"]) == 10
     assert list(cfg["id2label"].values()) == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                               "horse", "ship", "truck"]
     _, correct, out = _pipeline_accuracy(folder, images, labels)
