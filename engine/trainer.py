@@ -163,6 +163,8 @@ class Trainer:
         self.best = None
         self.start_step = 0
         self.train_seconds = 0.0      # wall seconds in training steps (no eval, no saving), summed over resumes
+        self.evaluated_step = -1      # the last step evaluated (a preemption save can come before its evaluation)
+        self.eval_owed = False        # resumed from a checkpoint of an evaluation step whose evaluation never ran
         self.final_metrics: dict = {}
         self._stats: dict[str, list[float]] = {}     # Task.batch_stats sums over the current log interval
 
@@ -250,6 +252,11 @@ class Trainer:
         self.start_step = self.last_saved_step = int(client["step"])
         self.best = client.get("best")
         self.train_seconds = float(client.get("train_seconds", 0.0))
+        self.evaluated_step = int(client.get("evaluated_step", self.start_step))
+        eval_every = cfg.eval.every_steps
+        self.eval_owed = bool(eval_every and 0 < self.start_step < self.total_steps
+                              and self.start_step % eval_every == 0
+                              and self.evaluated_step != self.start_step)
         if client.get("world_size") != world.world_size:
             dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
         if world.is_main:
@@ -327,6 +334,8 @@ class Trainer:
         engine.train()
         if self.guard.stop_agreed():            # signalled while setting up: nothing new to save
             raise Preempted(step, self.preemption.reason, None)
+        if self.eval_owed:                      # preempted at an evaluation step before evaluating: do it now, with
+            self.evaluate(step)                 # the same weights, so the eval curve has no hole
         for group in self.micro_batches(self.start_step):
             alpha, lr = self.alpha(), self.current_lr()      # what this step uses (the scheduler steps inside)
             step_dev, step_host, norm0 = self.train_step(group, alpha, want_norm=self.guard.zero0_norm)
@@ -389,6 +398,7 @@ class Trainer:
         finally:
             self.engine.train()
         self.monitor.log("eval", step, metrics, extra={"train_s": self.train_seconds})
+        self.evaluated_step = step
         self.final_metrics = {"step": step, "split": self.eval_split, **metrics}
         value = metrics.get(self.task.metric)
         if value is not None and math.isfinite(value) and self.cfg.checkpoint.save_best:
@@ -400,7 +410,7 @@ class Trainer:
 
     def _client_state(self, step: int) -> dict:
         return {"step": step, "micro_step": step * self.cfg.train.grad_accum, "best": self.best,
-                "train_seconds": self.train_seconds,
+                "train_seconds": self.train_seconds, "evaluated_step": self.evaluated_step,
                 "world_size": self.world.world_size, "data": {"epoch": step // self.batches.steps_per_epoch,
                                                               "step_in_epoch": step % self.batches.steps_per_epoch},
                 "config": self.resolved}

@@ -311,6 +311,32 @@ def test_sigterm_saves_that_step_and_the_resumed_run_is_bit_identical(train, tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_sigterm_at_an_evaluation_step_evaluates_that_step_on_resume(train, tmp_path):
+    """A preemption ends the step with a save and skips that step's evaluation (the grace period is for saving);
+    the resumed run evaluates it first, with the same weights, so the eval curve has no hole (a study's eval at
+    step 20 went missing this way in CI). A step that was evaluated before its save is not evaluated twice."""
+    ev = ["--eval.every_steps", 2, "--train.max_steps", 6]
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    rc, _, err = train(fault_args(straight, *ev))
+    assert rc == 0, err[-3000:]
+    rc, _, err = train(fault_args(part, *ev, "--task.sigterm_at_step", 4))
+    assert rc == preempt.EXIT_PREEMPTED, err[-3000:]
+    assert [r["step"] for r in metrics(part, "eval")] == [2]
+    rc, text, err = train(fault_args(part, *ev, "--resume", "auto"))
+    assert rc == 0 and "at step 4" in text, err[-3000:]
+    a, b = metrics(straight, "eval"), metrics(part, "eval")
+    assert [r["step"] for r in b] == [2, 4, 6]
+    drop = lambda r: {k: v for k, v in r.items() if k != "train_s"}      # noqa: E731 - wall time differs
+    assert [drop(r) for r in a] == [drop(r) for r in b]
+    # stopped (not preempted) at an evaluation step: that step was evaluated before its save; no second record
+    stopped = tmp_path / "stopped"
+    rc, _, err = train(fault_args(stopped, *ev, "--train.stop_at_step", 4))
+    assert rc == 0, err[-3000:]
+    rc, _, err = train(fault_args(stopped, *ev, "--resume", "auto"))
+    assert rc == 0, err[-3000:]
+    assert [r["step"] for r in metrics(stopped, "eval")] == [2, 4, 6]
+
+
 def _forget_cpu_adam_state():
     """DeepSpeed's CPU FusedAdam op keeps beta1**t / beta2**t in a process-wide C++ object (one per Adam/AdamW
     mode).  In this process it still holds the interrupted run's step, which would hide the drift a resumed
