@@ -164,7 +164,7 @@ class Trainer:
         self.start_step = 0
         self.train_seconds = 0.0      # wall seconds in training steps (no eval, no saving), summed over resumes
         self.evaluated_step = -1      # the last step evaluated (a preemption save can come before its evaluation)
-        self.eval_owed = False        # resumed from a checkpoint of an evaluation step whose evaluation never ran
+        self.eval_owed = False        # resumed from a preemption save of an evaluation step that was not evaluated
         self.final_metrics: dict = {}
         self._stats: dict[str, list[float]] = {}     # Task.batch_stats sums over the current log interval
 
@@ -252,11 +252,7 @@ class Trainer:
         self.start_step = self.last_saved_step = int(client["step"])
         self.best = client.get("best")
         self.train_seconds = float(client.get("train_seconds", 0.0))
-        self.evaluated_step = int(client.get("evaluated_step", self.start_step))
-        eval_every = cfg.eval.every_steps
-        self.eval_owed = bool(eval_every and 0 < self.start_step < self.total_steps
-                              and self.start_step % eval_every == 0
-                              and self.evaluated_step != self.start_step)
+        self.eval_owed = bool(client.get("eval_pending")) and self.start_step < self.total_steps
         if client.get("world_size") != world.world_size:
             dist_utils.seed_everything(dist_utils.rank_seed(cfg.seed + self.start_step, world.rank))
         if world.is_main:
@@ -408,9 +404,14 @@ class Trainer:
                 self._save_tag("best", step)
         return metrics
 
+    def _eval_due(self, step: int) -> bool:
+        """This step is one of the run's evaluation steps and was not evaluated (a preemption saves first)."""
+        every = self.cfg.eval.every_steps
+        return bool(every and step % every == 0 and self.evaluated_step != step)
+
     def _client_state(self, step: int) -> dict:
         return {"step": step, "micro_step": step * self.cfg.train.grad_accum, "best": self.best,
-                "train_seconds": self.train_seconds, "evaluated_step": self.evaluated_step,
+                "train_seconds": self.train_seconds, "eval_pending": self._eval_due(step),
                 "world_size": self.world.world_size, "data": {"epoch": step // self.batches.steps_per_epoch,
                                                               "step_in_epoch": step % self.batches.steps_per_epoch},
                 "config": self.resolved}
