@@ -438,6 +438,7 @@ def test_sigterm_to_launch_sh_saves_exits_75_and_resumes(tmp_path):
         _wait(lambda: len(_rank_pids(str(out))) == 2, 30, "2 ranks")
         os.kill(proc.pid, signal.SIGTERM)               # launch.sh itself: what srun / a scheduler signals
         text = _finish(proc)
+        leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     finally:
         _shm_clean(port)
     assert proc.returncode == preempt.EXIT_PREEMPTED, text[-4000:]
@@ -445,6 +446,7 @@ def test_sigterm_to_launch_sh_saves_exits_75_and_resumes(tmp_path):
     step = _stopped_step(text, "SIGTERM")
     assert latest(out) == f"global_step{step}" and checkpoint.verify(str(out / "checkpoints"), latest(out)) is None
     assert not _rank_pids(str(out))
+    assert not leaked, leaked                           # launch.sh removes DeepSpeed's shm buffers on the way out
     proc = _start(["bash", LAUNCH, "--master_port", port, "--nproc_per_node", 2, "--",
                    *args(out, "--resume", "auto", "--train.max_steps", step + 1)])
     text = _finish(proc)

@@ -375,29 +375,6 @@ def test_rank_killed_local_launcher_then_resume(tmp_path, port):
     assert (out_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{step + 2}"
 
 
-def test_sigterm_to_launch_sh_stops_the_whole_job(tmp_path, port):
-    out_dir = tmp_path / "run"
-    proc = start(launch_cmd("--master_port", port, "--nproc_per_node", "2", "--", *ENGINE_FAST, "--output_dir",
-                            out_dir, *LONG_RUN), base_env())
-    wait_for((out_dir / "checkpoints" / "latest").is_file, RUN_TIMEOUT_S, [proc], "the first checkpoint")
-    wait_for(lambda: len(rank_processes(str(out_dir))) == 2, 30, [proc], "2 rank processes")
-    os.kill(proc.pid, signal.SIGTERM)           # launch.sh itself (what a scheduler or `kill` sends)
-    try:
-        proc.wait(KILL_DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"launch.sh still running {KILL_DEADLINE_S} s after SIGTERM")
-    out = proc.communicate()[0]
-    # The ranks finished their step, saved it, and the job says "requeue me" (75), which --resume auto continues.
-    assert proc.returncode == 75, out[-4000:]
-    assert "launch.sh: got SIGTERM, passing it to the ranks" in out
-    m = re.search(r"\[engine\] stopped on SIGTERM after step (\d+): saved", out)
-    assert m, out[-4000:]
-    assert assert_last_checkpoint_complete(out_dir) == int(m.group(1))
-    assert wait_for(lambda: not rank_processes(str(out_dir)), 15, (), "the ranks to disappear")
-    assert not shm_files(port)
-
-
 def test_rank_killed_pdsh(sshd, tmp_path, port):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
