@@ -697,7 +697,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     fig.suptitle(f"{title}: validation {metric}, mean ± std over seeds")
     files.append(_save(fig, out, f"{prefix}curves.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     for a in arms:
         steps, sm = _smooth_train(data[a])
         axes[0].plot(steps, sm, color=colors[a], lw=1.2, label=f"{a} train (dropout on)")
@@ -710,6 +710,9 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
                 near = min(range(len(steps)), key=lambda i: abs(steps[i] - x)) if steps else None
                 gap.append(m - sm[near] if near is not None else float("nan"))
             axes[1].plot(xs, gap, color=colors[a], lw=1.6, marker=".", label=a)
+            # valid loss against the train NLL reached: at equal fit, which arm generalises better (an arm that
+            # only trails in steps lies on the baseline's line; a regulariser lies below it)
+            axes[2].plot([m - g for m, g in zip(ms, gap)], ms, color=colors[a], lw=1.6, marker=".", label=a)
     axes[0].set_xlabel("optimizer step")
     axes[0].set_ylabel("loss per example (train: NLL of one copy)")
     axes[0].set_yscale("log")
@@ -718,9 +721,14 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     axes[1].set_xlabel("optimizer step")
     axes[1].set_ylabel("valid loss - train NLL")
     axes[1].legend(fontsize=8)
+    axes[2].set_xlabel("train NLL at the eval step (smoothed, dropout on)")
+    axes[2].set_ylabel("validation loss")
+    axes[2].invert_xaxis()                          # training moves right: lower train NLL
+    axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: train vs validation loss (mean over seeds) and the generalisation gap")
+    fig.suptitle(f"{title}: train vs validation loss (mean over seeds), the generalisation gap, and validation "
+                 "loss at equal train NLL")
     files.append(_save(fig, out, f"{prefix}loss.png"))
 
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(arms) + 2), 4))
