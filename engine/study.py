@@ -611,7 +611,12 @@ def load_run(run: Run) -> dict | None:
     trains = [r for r in recs if r.get("kind") == "train"]
     total = total_steps(run.dir) or (evals[-1]["step"] if evals else 0)
     tail = [r for r in trains if r["step"] > 0.9 * total] or trains[-1:]
-    return {"evals": evals, "trains": trains, "total": total, "final": evals[-1] if evals else {},
+    try:
+        with open(run.dir / "config.json") as f:
+            split = (json.load(f).get("eval") or {}).get("split")
+    except (OSError, ValueError):
+        split = None
+    return {"split": split if isinstance(split, str) and split else None, "evals": evals, "trains": trains, "total": total, "final": evals[-1] if evals else {},
             "train_nll": sum(r["nll"] for r in tail) / len(tail) if tail else float("nan"),
             "wall_s": st.get("wall_s", float("nan")), "metric": st.get("metric"),
             "metric_mode": st.get("metric_mode", "max")}
@@ -670,6 +675,14 @@ def _save(fig, out: Path, name: str) -> str:
     return name
 
 
+def split_label(data: dict[str, list[dict]]) -> str:
+    """What the runs evaluated on, for labels: "validation" unless every run evaluated another split (e.g. test)."""
+    splits = {run.get("split") for runs in data.values() for run in runs}
+    if len(splits) == 1 and (sp := splits.pop()) and sp.lower() not in ("valid", "validation", "val", "dev"):
+        return sp
+    return "validation"
+
+
 def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, out: Path, prefix: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -677,6 +690,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     arms = [a for a in study.arms if data.get(a)]
     colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(study.arms)}
     title = f"{study.spec['name']}" + (f" / {group}" if group else "")
+    ev = split_label(data)
     files = []
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -691,10 +705,10 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     axes[0].set_xlabel("optimizer step")
     axes[1].set_xlabel("training time (min; eval and checkpoints excluded)")
     for ax in axes:
-        ax.set_ylabel(f"validation {metric}")
+        ax.set_ylabel(f"{ev} {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: validation {metric}, mean ± std over seeds")
+    fig.suptitle(f"{title}: {ev} {metric}, mean ± std over seeds")
     files.append(_save(fig, out, f"{prefix}curves.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
@@ -703,7 +717,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
         axes[0].plot(steps, sm, color=colors[a], lw=1.2, label=f"{a} train (dropout on)")
         xs, ms, ss, _ = _by_step(data[a], "loss")
         if xs:
-            axes[0].plot(xs, ms, color=colors[a], lw=1.6, ls="--", marker=".", label=f"{a} valid")
+            axes[0].plot(xs, ms, color=colors[a], lw=1.6, ls="--", marker=".", label=f"{a} {ev}")
             # the gap at each eval step: valid loss minus the (smoothed) train NLL at that step
             gap = []
             for x, m in zip(xs, ms):
@@ -719,16 +733,16 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].axhline(0, color="k", lw=0.6)
     axes[1].set_xlabel("optimizer step")
-    axes[1].set_ylabel("valid loss - train NLL")
+    axes[1].set_ylabel(f"{ev} loss - train NLL")
     axes[1].legend(fontsize=8)
     axes[2].set_xlabel("train NLL at the eval step (smoothed, dropout on)")
-    axes[2].set_ylabel("validation loss")
+    axes[2].set_ylabel(f"{ev} loss")
     axes[2].invert_xaxis()                          # training moves right: lower train NLL
     axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{title}: train vs validation loss (mean over seeds), the generalisation gap, and validation "
-                 "loss at equal train NLL")
+    fig.suptitle(f"{title}: train vs {ev} loss (mean over seeds), the generalisation gap, and {ev} loss at "
+                 "equal train NLL")
     files.append(_save(fig, out, f"{prefix}loss.png"))
 
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(arms) + 2), 4))
@@ -740,7 +754,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
         ax.errorbar([i + 0.15], [m], yerr=[s if math.isfinite(s) else 0], fmt="o", color="k", capsize=4)
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"final validation {metric}")
+    ax.set_ylabel(f"final {ev} {metric}")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"{title}: final {metric} per seed (dots), mean ± std" +
                  (f"; sweep over {study.spec['sweep']['flag']}" if swept else ""), fontsize=9)
@@ -765,7 +779,7 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
         if min(xs) > 0 and max(xs) / min(xs) >= 10:
             ax.set_xscale("log")
         ax.set_xlabel(flag)
-        ax.set_ylabel(f"final validation {metric}")
+        ax.set_ylabel(f"final {ev} {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"{title}: final {metric} against {flag}", fontsize=9)
@@ -839,13 +853,14 @@ def cmd_report(args) -> int:
         base = {s: run["final"][metric] * scale for s, run in zip(seeds.get(study.baseline, []),
                                                                     data.get(study.baseline, []))}
         base_time = mean_std([run["final"].get("train_s", float("nan")) for run in data.get(study.baseline, [])])[0]
-        lines += [f"Metric: **{metric}**{unit} on the eval split at the last step ({first['total']} steps; "
+        ev = split_label(data)
+        lines += [f"Metric: **{metric}**{unit} on the eval split ({ev}) at the last step ({first['total']} steps; "
                   f"{'higher' if mode == 'max' else 'lower'} is better). Δ: difference to `{study.baseline}` with a "
                   "95% t-interval, paired by seed when both arms have the same seeds. Best: the best evaluation of "
                   "each run, averaged (selected on the eval split itself, so optimistic). Train NLL: per example and "
-                  "copy over the last 10% of steps, with dropout on; gap = final valid loss - train NLL.", "",
+                  f"copy over the last 10% of steps, with dropout on; gap = final {ev} loss - train NLL.", "",
                   f"| arm | n | final {metric} | Δ vs {study.baseline} [95% CI] | best {metric} | train time | "
-                  "time / baseline | train NLL | valid loss | gap |",
+                  f"time / baseline | train NLL | {ev} loss | gap |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for a in study.arms:
             if a not in data:

@@ -141,6 +141,7 @@ def test_report_numbers_on_hand_made_runs(tmp_path):
     assert "| `none` | 3 | 92.00 ± 2.00 | — | 95.00 ± 0.00 |" in text     # best of each run's evals: 0.95
     assert "| `rdrop` | 3 |" in text and "1.70x" in text
     assert "0.400 | 0.800 | 0.400 |" in text                  # train NLL over the last 10% (step 100), gap
+    assert "| train NLL | validation loss | gap |" in text     # runs that name no eval split: validation
     # the sweep's arms run on seeds 1-2 only: paired with the baseline's seeds 1-2 (diffs 4 and 3 points)
     h2 = 12.706204736174707 * math.sqrt(0.5) / math.sqrt(2)
     assert f"| `alpha=1.0` | 2 | 94.50 ± 0.71 | **+3.50 [{3.5 - h2:+.2f}, {3.5 + h2:+.2f}]" not in text  # CI crosses 0
@@ -149,6 +150,16 @@ def test_report_numbers_on_hand_made_runs(tmp_path):
     # unpaired when the seeds differ: Welch
     d_, lo, hi, how = study.diff_ci({1: 1.0, 2: 2.0}, {3: 0.0, 4: 0.5, 5: 1.0})
     assert how == "welch" and d_ == pytest.approx(1.0) and lo < 1.0 < hi
+
+
+def test_report_names_the_split_the_runs_evaluated():
+    """A study evaluated on test says so in its table and plots; a mix of splits, or validation aliases, reads
+    "validation"."""
+    runs = lambda *splits: {"a": [{"split": sp} for sp in splits]}   # noqa: E731
+    assert study.split_label(runs("test", "test")) == "test"
+    assert study.split_label(runs("test", "validation")) == "validation"
+    assert study.split_label(runs("valid")) == study.split_label(runs(None)) == "validation"
+    assert study.split_label(runs("dev")) == "validation"
 
 
 @pytest.mark.parametrize("change, expect", [
