@@ -288,12 +288,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def total_steps(run_dir: Path) -> int | None:
+def run_config(run_dir: Path) -> dict:
+    """The run's resolved config.json as the trainer wrote it ({} before it started)."""
     p = run_dir / "config.json"
     if not p.is_file():
-        return None
+        return {}
     with open(p) as f:
-        return json.load(f).get("total_steps")
+        return json.load(f)
+
+
+def total_steps(run_dir: Path) -> int | None:
+    return run_config(run_dir).get("total_steps")
 
 
 def progress(run_dir: Path) -> tuple[int, int | None]:
@@ -609,14 +614,11 @@ def load_run(run: Run) -> dict | None:
     # the last record per step (a run resumed after its final evaluation evaluates that step again)
     evals = list({r["step"]: r for r in recs if r.get("kind") == "eval"}.values())
     trains = [r for r in recs if r.get("kind") == "train"]
-    total = total_steps(run.dir) or (evals[-1]["step"] if evals else 0)
+    cfg = run_config(run.dir)
+    total = cfg.get("total_steps") or (evals[-1]["step"] if evals else 0)
     tail = [r for r in trains if r["step"] > 0.9 * total] or trains[-1:]
-    try:
-        with open(run.dir / "config.json") as f:
-            split = (json.load(f).get("eval") or {}).get("split")
-    except (OSError, ValueError):
-        split = None
-    return {"split": split if isinstance(split, str) and split else None, "evals": evals, "trains": trains, "total": total, "final": evals[-1] if evals else {},
+    return {"evals": evals, "trains": trains, "total": total, "final": evals[-1] if evals else {},
+            "split": (cfg.get("eval") or {}).get("split"),
             "train_nll": sum(r["nll"] for r in tail) / len(tail) if tail else float("nan"),
             "wall_s": st.get("wall_s", float("nan")), "metric": st.get("metric"),
             "metric_mode": st.get("metric_mode", "max")}
@@ -683,14 +685,15 @@ def split_label(data: dict[str, list[dict]]) -> str:
     return "validation"
 
 
-def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, out: Path, prefix: str) -> list[str]:
+def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, out: Path, prefix: str,
+          ev: str) -> list[str]:
+    """The report's PNGs for one group; ``ev`` names the split the runs evaluated (split_label)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [a for a in study.arms if data.get(a)]
     colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(study.arms)}
     title = f"{study.spec['name']}" + (f" / {group}" if group else "")
-    ev = split_label(data)
     files = []
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -718,15 +721,13 @@ def plots(study: Study, group: str, data: dict[str, list[dict]], metric: str, ou
         xs, ms, ss, _ = _by_step(data[a], "loss")
         if xs:
             axes[0].plot(xs, ms, color=colors[a], lw=1.6, ls="--", marker=".", label=f"{a} {ev}")
-            # the gap at each eval step: valid loss minus the (smoothed) train NLL at that step
-            gap = []
-            for x, m in zip(xs, ms):
-                near = min(range(len(steps)), key=lambda i: abs(steps[i] - x)) if steps else None
-                gap.append(m - sm[near] if near is not None else float("nan"))
-            axes[1].plot(xs, gap, color=colors[a], lw=1.6, marker=".", label=a)
-            # valid loss against the train NLL reached: at equal fit, which arm generalises better (an arm that
+            # the (smoothed) train NLL at each eval step, and the gap: eval loss minus that train NLL
+            fit = [sm[min(range(len(steps)), key=lambda i: abs(steps[i] - x))] if steps else float("nan")
+                   for x in xs]
+            axes[1].plot(xs, [m - t for m, t in zip(ms, fit)], color=colors[a], lw=1.6, marker=".", label=a)
+            # eval loss against the train NLL reached: at equal fit, which arm generalises better (an arm that
             # only trails in steps lies on the baseline's line; a regulariser lies below it)
-            axes[2].plot([m - g for m, g in zip(ms, gap)], ms, color=colors[a], lw=1.6, marker=".", label=a)
+            axes[2].plot(fit, ms, color=colors[a], lw=1.6, marker=".", label=a)
     axes[0].set_xlabel("optimizer step")
     axes[0].set_ylabel("loss per example (train: NLL of one copy)")
     axes[0].set_yscale("log")
@@ -895,7 +896,7 @@ def cmd_report(args) -> int:
             f"`{a}` " + ", ".join(f"s{s}={run['final'].get(metric, float('nan')) * scale:.2f}"
                                   for s, run in zip(seeds[a], data[a])) for a in study.arms if a in data), ""]
         prefix = f"{g}_" if g else ""
-        for name in plots(study, g, data, metric, out, prefix):
+        for name in plots(study, g, data, metric, out, prefix, ev):
             lines += [f"![{name}]({name})", ""]
     if len(study.groups) > 1 and summary:
         lines += ["## Summary", "", "| group | arm | n | mean ± std | Δ vs baseline [95% CI] |", "|---|---|---|---|---|"]

@@ -102,10 +102,11 @@ def test_study_runs_resumes_after_an_interrupt_and_reports(tmp_path):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
 
 
-def _fake_run(d, arm, seed, finals, train_s, metric="accuracy", total=100):
+def _fake_run(d, arm, seed, finals, train_s, metric="accuracy", total=100, split=None):
     run_dir = d / "runs" / arm / f"seed{seed}"
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"total_steps": total}))
+    cfg = {"total_steps": total, **({"eval": {"split": split}} if split else {})}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
     recs = [{"kind": "train", "step": s, "loss": 1.0, "nll": 0.5 - s / 1000, "consistency": 0.0}
             for s in range(10, total + 1, 10)]
     recs += [{"kind": "eval", "step": total * (i + 1) // len(finals), metric: v, "loss": 0.8,
@@ -152,9 +153,20 @@ def test_report_numbers_on_hand_made_runs(tmp_path):
     assert how == "welch" and d_ == pytest.approx(1.0) and lo < 1.0 < hi
 
 
-def test_report_names_the_split_the_runs_evaluated():
-    """A study evaluated on test says so in its table and plots; a mix of splits, or validation aliases, reads
-    "validation"."""
+def test_report_names_the_split_the_runs_evaluated(tmp_path):
+    """A study evaluated on test says so in its table and plots (read from each run's config.json); a mix of
+    splits, or validation aliases, reads "validation"."""
+    spec = {"name": "fake", "task": "image_classification", "ds_config": "ds_configs/zero2.json",
+            "arms": {"none": {"rdrop.mode": "none"}, "rdrop": {"rdrop.mode": "rdrop"}}, "baseline": "none",
+            "seeds": [1]}
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / "spec.json").write_text(json.dumps(spec))
+    _fake_run(d, "none", 1, [0.9], 100.0, split="test")
+    _fake_run(d, "rdrop", 1, [0.92], 170.0, split="test")
+    assert study.main(["report", str(d)]) == 0
+    text = (d / "report.md").read_text()
+    assert "on the eval split (test)" in text and "| train NLL | test loss | gap |" in text
     runs = lambda *splits: {"a": [{"split": sp} for sp in splits]}   # noqa: E731
     assert study.split_label(runs("test", "test")) == "test"
     assert study.split_label(runs("test", "validation")) == "validation"
