@@ -285,10 +285,13 @@ def fused_token_loss(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: T
 
 @torch.no_grad()
 def per_token_nll(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: Tensor | None = None,
-                  bias: Tensor | None = None, label_smoothing=0.0, chunk_size: int | None = None) -> Tensor:
+                  bias: Tensor | None = None, label_smoothing=0.0, chunk_size: int | None = None,
+                  hits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token (label-smoothed) NLL, float32, shape of target, 0 where masked; chunked, no graph (evaluation).
     ``label_smoothing`` may be a sequence of values: then the result is [len, *target.shape], one row per value,
-    from ONE pass over the logits (evaluation reports the smoothed loss and the plain NLL together)."""
+    from ONE pass over the logits (evaluation reports the smoothed loss and the plain NLL together).
+    ``hits``: also return a bool tensor with the shape of target, True where the logits' argmax is the target
+    (False where masked), from the same pass: the token accuracy fairseq's ``--report-accuracy`` logs."""
     several = isinstance(label_smoothing, (list, tuple))
     epss = [float(e) for e in label_smoothing] if several else [float(label_smoothing)]
     shape = target.shape
@@ -301,9 +304,12 @@ def per_token_nll(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: Tens
     V = w32.shape[0]
     chunk = chunk_size or default_chunk_size(V, 1)
     out = torch.empty(len(epss), target.shape[0], dtype=torch.float32, device=hidden.device)
+    hit = torch.zeros(target.shape[0], dtype=torch.bool, device=hidden.device) if hits else None
     for s in range(0, target.shape[0], chunk):
         z = torch.addmm(b32, hidden[s:s + chunk].float(), w32.t()) if b32 is not None else \
             hidden[s:s + chunk].float() @ w32.t()
+        if hit is not None:
+            hit[s:s + chunk] = z.argmax(1).eq(safe[s:s + chunk]) & keep[s:s + chunk].bool()
         logp = z.sub_(torch.logsumexp(z, 1, keepdim=True))
         nll = -logp.gather(1, safe[s:s + chunk, None].long()).squeeze(1)
         total = logp.sum(1) if any(e > 0 for e in epss) else None
@@ -313,7 +319,8 @@ def per_token_nll(hidden: Tensor, weight: Tensor, target: Tensor, pad_mask: Tens
                 eps_i = eps / (V - 1)
                 rows = (1.0 - eps - eps_i) * nll - eps_i * total
             out[k, s:s + chunk] = rows * keep[s:s + chunk]
-    return out.reshape(len(epss), *shape) if several else out[0].reshape(shape)
+    out = out.reshape(len(epss), *shape) if several else out[0].reshape(shape)
+    return (out, hit.reshape(shape)) if hits else out
 
 
 # -- the module that tasks attach to their model ---------------------------------------------------------------
@@ -383,11 +390,13 @@ class FusedTokenLoss(nn.Module):
 
     @torch.no_grad()
     def token_nll(self, hidden: Tensor, target: Tensor, pad_mask: Tensor | None = None,
-                  label_smoothing=0.0) -> Tensor:
+                  label_smoothing=0.0, hits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Per-token NLL with the shape of target (evaluation), chunked, under ZeRO-3 gathered for the call;
-        a sequence of label_smoothing values gives one row per value from one pass (see per_token_nll)."""
+        a sequence of label_smoothing values gives one row per value from one pass; ``hits`` adds the argmax
+        matches (see per_token_nll)."""
         with self._gathered():
-            return per_token_nll(hidden, self.weight, target, pad_mask, self.bias, label_smoothing, self.chunk_size)
+            return per_token_nll(hidden, self.weight, target, pad_mask, self.bias, label_smoothing, self.chunk_size,
+                                 hits=hits)
 
 
 def attach(model: nn.Module, head: nn.Module | None = None, extra_bias: str | None = None,

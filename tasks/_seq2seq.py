@@ -4,8 +4,8 @@ text reading, BPE, token batching and generation; a task is glue).
 The base owns: ``prepare`` (BPE training, rank 0 first), ``build_dataset`` (encode, drop empty pairs, drop or
 truncate long ones), ``example_sizes`` (token batching through ``--train.max_tokens``), ``collate`` (the model's
 token layout), ``forward``, ``num_units`` (non-pad target tokens), ``batch_stats`` (padding ratio), ``evaluate``
-(per-token loss / nll / ppl, then generation and the task's score), ``export`` (weights + tokenizer + decoding
-settings) and the command-line tools (``generate`` for a file of inputs, ``average`` for checkpoints).
+(per-token loss / nll / ppl / token accuracy, then generation and the task's score), ``export`` (weights +
+tokenizer + decoding settings) and the command-line tools (``generate`` for a file of inputs, ``average`` for checkpoints).
 
 The loss: by default (``--task.fused_loss auto``) a target vocabulary of at least fused_loss.FUSED_MIN_VOCAB
 symbols uses the fused, chunked R-Drop token loss (engine/fused_loss.py): ``build_model`` attaches it over the
@@ -431,27 +431,33 @@ class Seq2SeqTask(Task):
     # -- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, ctx, split: str) -> dict[str, float]:
         ds = ctx.dataset(split)
-        local: dict[str, list] = {"loss": [], "nll": [], "tokens": []}
+        local: dict[str, list] = {"loss": [], "nll": [], "correct": [], "tokens": []}
         with torch.no_grad():
             for batch in ctx.batches(split):
                 out = self.forward(ctx.model, batch)
                 target, pad = out.target, out.pad_mask
                 if out.fused:            # per-token NLL (smoothed and plain) in chunks: no [tokens, V] logits
-                    rows = out.head.token_nll(out.hidden, target, pad, [self.label_smoothing, 0.0]).sum(-1)
+                    rows, hit = out.head.token_nll(out.hidden, target, pad, [self.label_smoothing, 0.0], hits=True)
+                    rows = rows.sum(-1)
                     loss, nll = rows[0], rows[1]
                 else:
                     loss = torch.stack([losses.nll_loss(out.logits[k], target[k], pad[k], self.label_smoothing)
                                         for k in range(target.shape[0])])
                     nll = torch.stack([losses.nll_loss(out.logits[k], target[k], pad[k], 0.0)
                                        for k in range(target.shape[0])])
+                    hit = out.logits.argmax(-1).eq(target) & ~pad
                 # per example sums, so gather() can drop shard padding
                 local["loss"].append(loss.float().cpu())
                 local["nll"].append(nll.float().cpu())
+                local["correct"].append(hit.sum(1).float().cpu())
                 local["tokens"].append((~pad).sum(1).float().cpu())
         r = ctx.gather(local, len(ds))
         tokens = float(r["tokens"].sum())
         nll = float(r["nll"].sum()) / tokens
-        metrics = {"loss": float(r["loss"].sum()) / tokens, "nll": nll, "ppl": math.exp(min(nll, 50.0))}
+        # acc: teacher-forced token accuracy (argmax = reference token), fairseq's --report-accuracy: with the
+        # loss it tells a model with worse top choices from one that is only less confident
+        metrics = {"loss": float(r["loss"].sum()) / tokens, "nll": nll, "ppl": math.exp(min(nll, 50.0)),
+                   "acc": float(r["correct"].sum()) / tokens}
         if self.cfg.eval_generate:
             k = final_gen_count(self.cfg, ctx.step) if ctx.final else self.cfg.eval_gen_examples
             if ctx.final and self.cfg.final_gen_examples < 0 and 0 < k < len(ds):

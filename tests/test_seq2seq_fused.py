@@ -119,7 +119,11 @@ def test_fused_evaluation_loss_pass_equals_unfused(make):
     with torch.no_grad():
         out = task.forward(model, batch)
         ref = _unfused_output(task, model, batch)
-        rows = out.head.token_nll(out.hidden, out.target, out.pad_mask, [0.1, 0.0]).sum(-1)
+        rows, hits = out.head.token_nll(out.hidden, out.target, out.pad_mask, [0.1, 0.0], hits=True)
+        rows = rows.sum(-1)
+        # token accuracy: the same argmax matches as the full logits', never at padding
+        want_hits = ref.logits.argmax(-1).eq(ref.target) & ~ref.pad_mask
+        assert torch.equal(hits, want_hits) and ref.pad_mask.any() and 0 < int(hits.sum()) < int((~ref.pad_mask).sum())
         for k in range(batch["labels"].shape[0]):
             want = [losses.nll_loss(ref.logits[k], ref.target[k], ref.pad_mask[k], eps) for eps in (0.1, 0.0)]
             torch.testing.assert_close(rows[:, k], torch.stack(want), rtol=1e-5, atol=1e-5)
@@ -260,3 +264,5 @@ def test_engine_run_fused_on_off_and_checkpointed_are_equal(world, small_data, t
                 assert a[key] == pytest.approx(b[key], rel=2e-4, abs=1e-6), (name, key, a, b)
         for key in ("loss", "nll"):
             assert ev[key] == pytest.approx(ref_eval[key], rel=1e-4), (name, key)
+        # token accuracy from the chunked argmax equals the full logits' (a near-tie may flip one token)
+        assert 0 <= ev["acc"] <= 1 and ev["acc"] == pytest.approx(ref_eval["acc"], abs=5e-3), (name, ev, ref_eval)

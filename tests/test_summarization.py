@@ -200,6 +200,7 @@ def test_two_rank_rdrop_run_reports_rouge(samsum_run):
     assert [e["gen_examples"] for e in evals] == [8, 16]       # bounded during training, final subset at the end
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "nll", "ppl"):
         assert math.isfinite(evals[-1][key]) and evals[-1][key] >= 0
+    assert all(0 <= e["acc"] <= 1 for e in evals)                # teacher-forced token accuracy
     assert log.count("trained BPE") == 1 and "token batches" in log
     cfg = json.load(open(full / "config.json"))
     assert cfg["world_size"] == 2 and cfg["rdrop"]["alpha"] == 0.7 and cfg["train"]["max_tokens"] == 1024
