@@ -1,4 +1,4 @@
-"""Equal-fit analysis of a finished translation study (python results/equal_fit.py STUDY_DIR [--baseline none]).
+"""Equal-fit analysis of a finished translation study (PYTHONPATH=. python results/equal_fit.py STUDY_DIR).
 
 For every evaluation of every non-baseline run it prints the train NLL reached (label-smoothed, dropout on, mean of
 the train records in the ``--window`` steps before the evaluation; one copy's for R-Drop), the test loss, and two
@@ -6,8 +6,8 @@ differences against the baseline arm's seed-mean curve, linearly interpolated:
 
 - ``dloss@fit``: test loss minus the baseline's test loss at the same train NLL (below 0: better generalisation
   at equal fit, what a regulariser should show);
-- ``dbleu@loss``: subset BLEU minus the baseline's BLEU at the same test loss (below 0: worse output than the test
-  loss suggests).
+- ``dbleu@loss``: subset BLEU minus the baseline's BLEU at the same test loss, on the baseline's curve up to its
+  best test loss (below 0: worse output than the test loss suggests; nan below the baseline's best loss).
 
 It also prints each run's whole-split BLEU breakdown (brevity penalty, length ratio, precisions, distinct outputs)
 from its ``predictions/*.hyp`` against the reference file given with ``--ref``. Only reads; writes nothing.
@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 from pathlib import Path
 
 import numpy as np
 
+from engine.study import read_jsonl
+
 
 def records(run: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"]
-    evals = {}
-    for r in rows:
-        if r.get("kind") == "eval":
-            evals[r["step"]] = r                       # a resumed step's last record wins
+    evals = {r["step"]: r for r in rows if r.get("kind") == "eval"}    # a resumed step's last record wins
     return train, [evals[s] for s in sorted(evals)]
 
 
@@ -47,8 +45,8 @@ def curve(run: Path, window: int) -> list[tuple[int, float, float, float]]:
 
 
 def interp(x: float, xs: list[float], ys: list[float]) -> float:
-    """y at x on the polyline (xs, ys) over its finite points; xs need not be increasing (sorted here); nan outside
-    its range."""
+    """y at x on the curve (xs, ys) over its finite points; xs must be monotone (either way); nan outside its
+    range."""
     xs_, ys_ = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
     keep = np.isfinite(xs_) & np.isfinite(ys_)
     xs_, ys_ = xs_[keep], ys_[keep]
@@ -89,6 +87,9 @@ def main() -> None:
     steps = sorted(set.intersection(*(set(s for s, *_ in c) for c in base)))
     mean = [np.mean([[x for x in c if x[0] == s][0][1:] for c in base], axis=0) for s in steps]
     b_nll, b_loss, b_bleu = ([m[i] for m in mean] for i in range(3))
+    # BLEU against test loss only up to the baseline's best test loss: past it (an overfitting baseline) the loss
+    # rises again and one loss would map to two BLEUs
+    best = int(np.nanargmin(b_loss)) + 1
     ref = None
     if a.ref:
         opener = gzip.open if a.ref.suffix == ".gz" else open
@@ -105,7 +106,7 @@ def main() -> None:
         for step, nll, loss, bleu in curve(run, a.window):
             print(f"  {name} step {step}: train NLL {nll:.3f}, test loss {loss:.3f}, BLEU {bleu:.2f}; "
                   f"dloss@fit {loss - interp(nll, b_nll, b_loss):+.3f}, "
-                  f"dbleu@loss {bleu - interp(loss, b_loss, b_bleu):+.2f}")
+                  f"dbleu@loss {bleu - interp(loss, b_loss[:best], b_bleu[:best]):+.2f}")
 
 
 if __name__ == "__main__":
